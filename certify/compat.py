@@ -1,0 +1,144 @@
+"""Version patches that let auto_LiRPA 0.3 (the only release on PyPI, from 2022) run on modern
+torch and numpy. This is the ONE place where such patches live.
+
+Import auto_LiRPA through `lirpa()` below, never directly: it applies the patches first, and only
+those the installed versions need. A newer auto_LiRPA (0.4+, installed from its own repository)
+gets none of them and runs untouched.
+
+Each patch says what it is for and when it can go. All of them go once a newer auto_LiRPA is on
+PyPI and becomes our minimum version.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import sys
+import types
+
+from packaging.version import Version
+
+_applied: list[str] = []
+
+
+def auto_lirpa_version() -> Version:
+    try:
+        return Version(importlib.metadata.version("auto_LiRPA"))
+    except importlib.metadata.PackageNotFoundError:
+        import auto_LiRPA  # an uninstalled checkout on sys.path
+
+        return Version(getattr(auto_LiRPA, "__version__", "0"))
+
+
+def applied_patches() -> list[str]:
+    """Names of the patches applied in this process (recorded in certificates)."""
+    return list(_applied)
+
+
+def _patch_numpy_arraysetops() -> None:
+    # numpy 2 removed `numpy.lib.arraysetops`; 0.3 only imports `isin` from it.
+    import numpy
+
+    try:
+        import numpy.lib.arraysetops  # noqa: F401
+    except ImportError:
+        shim = types.ModuleType("numpy.lib.arraysetops")
+        shim.isin = numpy.isin
+        sys.modules["numpy.lib.arraysetops"] = shim
+        _applied.append("numpy.lib.arraysetops")
+
+
+def _patch_torch_onnx_helpers() -> None:
+    # 0.3 traces models through torch's TorchScript-to-ONNX pass; torch 2.9+ moved its helpers.
+    import torch.onnx.symbolic_helper as symbolic_helper
+    import torch.onnx.utils as onnx_utils
+
+    if not hasattr(symbolic_helper, "_set_opset_version"):
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        def _set_opset_version(opset_version: int) -> None:
+            GLOBALS.export_onnx_opset_version = opset_version
+
+        symbolic_helper._set_opset_version = _set_opset_version
+        _applied.append("torch.onnx.symbolic_helper._set_opset_version")
+    if not hasattr(onnx_utils, "_optimize_graph"):
+        from torch.onnx._internal.torchscript_exporter import utils as ts_utils
+
+        onnx_utils._optimize_graph = ts_utils._optimize_graph
+        _applied.append("torch.onnx.utils._optimize_graph")
+
+
+def _patch_torch_node_getitem() -> None:
+    # 0.3 reads node attributes as `node[name]`; torch._C.Node lost __getitem__.
+    import torch
+
+    if not hasattr(torch._C.Node, "__getitem__"):
+
+        def _node_getitem(node, key):
+            return getattr(node, node.kindOf(key))(key)
+
+        torch._C.Node.__getitem__ = _node_getitem
+        _applied.append("torch._C.Node.__getitem__")
+
+
+def _patch_named_members(auto_LiRPA) -> None:
+    # torch >= 2.0 calls `_named_members(..., remove_duplicate=...)` (from .parameters(), and on
+    # residual graphs); 0.3's override does not take the keyword. Its behaviour already removes
+    # duplicates, so accepting and ignoring the keyword is exact.
+    from auto_LiRPA.bound_general import BoundedModule
+    from auto_LiRPA.bound_multi_gpu import BoundDataParallel
+
+    for cls in (BoundedModule, BoundDataParallel):
+        original = cls._named_members
+        if getattr(original, "_harden_patched", False):
+            continue
+
+        @functools.wraps(original)
+        def _named_members(self, get_members_fn, prefix="", recurse=True,
+                           remove_duplicate=True, _original=original):
+            return _original(self, get_members_fn, prefix=prefix, recurse=recurse)
+
+        _named_members._harden_patched = True
+        cls._named_members = _named_members
+    _applied.append("BoundedModule._named_members(remove_duplicate)")
+
+
+def _patch_relu_full_alpha(auto_LiRPA) -> None:
+    # 0.3's BoundRelu.init_opt_parameters: when more than `minimum_sparsity` of a layer's neurons
+    # are unstable it builds a FULL alpha, but the reset `self.alpha_indices = None` sits inside
+    # `if verbosity > 0:`, so alpha-CROWN later indexes a full alpha with sparse indices and fails
+    # with a broadcast error. Re-apply the intended reset after the original initialisation.
+    from auto_LiRPA.operators.activation import BoundRelu
+
+    original = BoundRelu.init_opt_parameters
+    if getattr(original, "_harden_patched", False):
+        return
+
+    @functools.wraps(original)
+    def init_opt_parameters(self, start_nodes):
+        original(self, start_nodes)
+        if self.alpha_indices is None:
+            return
+        total = self.inputs[0].lower.numel() // self.inputs[0].lower.size(0)
+        if self.alpha_indices[0].size(0) > self.options.get("minimum_sparsity", 0.9) * total:
+            self.alpha_indices = None
+
+    init_opt_parameters._harden_patched = True
+    BoundRelu.init_opt_parameters = init_opt_parameters
+    _applied.append("BoundRelu.init_opt_parameters(full-alpha reset)")
+
+
+@functools.lru_cache(maxsize=None)
+def lirpa():
+    """Import auto_LiRPA with whatever patches the installed versions need, and return it."""
+    old_release = auto_lirpa_version() < Version("0.4")
+    if old_release:
+        _patch_numpy_arraysetops()
+        _patch_torch_onnx_helpers()
+        _patch_torch_node_getitem()
+    import auto_LiRPA
+
+    if old_release:
+        _patch_named_members(auto_LiRPA)
+        _patch_relu_full_alpha(auto_LiRPA)
+    return auto_LiRPA

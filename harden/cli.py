@@ -1,0 +1,290 @@
+"""`harden`: change models -- train, convert (rewrite layers), export. Each command is a thin layer
+over the library function of the same name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from certify.cli import parse_floats, run_cli
+from certify.errors import UserError
+from certify.progress import console, say
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Harden PyTorch classifiers: train, convert (spectral norm), export to ONNX.")
+
+ARCH_HELP = "Architecture for weights-only files: small-cnn, mlp, mlp-elu-512 or package.module:factory."
+DEBUG = typer.Option(False, "--debug", help="Show tracebacks.")
+
+
+def parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UserError(f"--input-shape '{text}' is not a comma-separated list of integers", "e.g. --input-shape 1,28,28") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise UserError(f"--input-shape '{text}' has a non-positive size", "e.g. --input-shape 1,28,28")
+    return shape
+
+
+def _load(model: Path, arch, trust_pickle, input_shape):
+    from harden.loading import load_model
+
+    return load_model(model, arch=arch, trust_pickle=trust_pickle, input_shape=parse_shape(input_shape))
+
+
+def _check_output(output: Path, inputs: list[Path]) -> None:
+    if any(output.resolve() == p.resolve() for p in inputs):
+        raise UserError(f"the output {output} would overwrite the input", "choose another -o")
+
+
+@app.command()
+def train(
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the model (.safetensors bundle)."),
+    data: str = typer.Option("mnist", "--data", help="mnist, fashion-mnist, file.npz or a folder of class folders."),
+    arch: str = typer.Option("small-cnn", "--arch", help="small-cnn, mlp, mlp-elu-512."),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the training set."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    seed: int = typer.Option(0, "--seed", help="Makes the run repeat exactly on the same machine."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    debug: bool = DEBUG,
+) -> None:
+    """Train a classifier from scratch (clean training): the starting point of the pipeline."""
+
+    def body():
+        from certify.data import load_dataset
+        from harden.architecture import build_plain_module, resolve_arch
+        from harden.bundle import Bundle, save_bundle
+        from harden.train import seed_everything, train_clean
+
+        if output.suffix != ".safetensors":
+            raise UserError(f"harden writes models as .safetensors bundles, not {output.suffix or 'no suffix'}",
+                            f"use -o {output.with_suffix('.safetensors')}")
+        if epochs < 1:
+            raise UserError(f"--epochs {epochs} is below 1", "give at least one epoch")
+        train_set = load_dataset(data, split="train", log=None if quiet else say)
+        test_set = load_dataset(data, split="test", log=None if quiet else say)
+        input_shape = tuple(train_set.x.shape[1:])
+        record = resolve_arch(arch)
+        if record["kind"] != "zoo":
+            raise UserError("harden train builds the built-in architectures only",
+                            "train your own architecture yourself, then use harden convert/finetune on its weights")
+        seed_everything(seed)
+        bundle = Bundle(build_plain_module(record, input_shape, len(train_set.classes)), input_shape,
+                        len(train_set.classes), record,
+                        data={"dataset": data, "classes": train_set.classes, "input_range": [0.0, 1.0]},
+                        source={"path": None, "format": "trained", "sha256": None})
+        result = train_clean(bundle, train_set, test_set, epochs=epochs, lr=lr, batch_size=batch_size,
+                             seed=seed, device=device, quiet=quiet)
+        save_bundle(bundle, output)
+        say(f"test accuracy {100 * result['test_accuracy']:.2f}% after {epochs} epochs; wrote {output}")
+
+    run_cli(body, debug)
+
+
+@app.command()
+def convert(
+    model: Path = typer.Argument(..., help="Model file (any accepted format)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Default: MODEL's name with .hard.safetensors."),
+    spectral_norm: float = typer.Option(4.0, "--spectral-norm", help="beta: each layer's operator norm is clipped to at most beta."),
+    sn_iters: int = typer.Option(1, "--sn-iters", help="Power iterations per training forward pass."),
+    layers: str = typer.Option("conv,linear", "--layers", help="Which layers to normalize: conv, linear or both."),
+    no_spectral_norm: bool = typer.Option(False, "--no-spectral-norm", help="Leave the layers as they are (e.g. to add only --noise wca)."),
+    noise: Optional[str] = typer.Option(None, "--noise", help="wca: add the weight-covariance-alignment noise layer before the final Linear."),
+    noise_dim: int = typer.Option(32, "--noise-dim", help="Dimension D of the WCA noise (a Linear to D is added when the penultimate width differs)."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape C,H,W (for formats that do not record it)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fully pickled module (runs code from the file!)."),
+    debug: bool = DEBUG,
+) -> None:
+    """Rewrite every Conv2d/Linear into a spectrally normalized one (true operator norm, clipped at beta);
+    optionally add the WCA noise layer before the final Linear."""
+
+    def body():
+        from harden.bundle import save_bundle
+        from harden.convert import convert as convert_bundle, default_output
+
+        out = output or default_output(model)
+        _check_output(out, [model])
+        bundle = _load(model, arch, trust_pickle, input_shape)
+        records = convert_bundle(bundle, spectral_norm=None if no_spectral_norm else spectral_norm, sn_iters=sn_iters,
+                                 layers=tuple(part.strip() for part in layers.split(",") if part.strip()),
+                                 noise=noise, noise_dim=noise_dim)
+        for step in bundle.recipe:
+            if step["step"] == "wca":
+                say(f"  {step['layer']:<12} wca     noise N(0, L L^T) of dim {step['noise_dim']} before the final Linear"
+                    f"{' (with a projection to it)' if step['projection'] else ''}; "
+                    f"{'same function with the noise off' if step['function_preserved'] else 'approximates the old classifier (rank > dim)'}")
+        for r in records:
+            clipped = "clipped" if r["sigma_before"] > spectral_norm else "kept"
+            say(f"  {r['name']:<12} {r['type']:<7} input {tuple(r['input_hw']) if r.get('input_hw') else '-'}  "
+                f"sigma {r['sigma_before']:.3f} -> {r['sigma_after']:.3f} ({clipped})")
+        save_bundle(bundle, out)
+        if records:
+            say(f"spectral norm beta={spectral_norm} on {len(records)} layers")
+        say(f"wrote {out}")
+
+    run_cli(body, debug)
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help="Model file (any accepted format)."),
+    output: Path = typer.Option(..., "-o", "--output", help="ONNX file to write."),
+    deterministic: bool = typer.Option(True, "--deterministic/--stochastic", help="Drop (default) or keep the WCA noise layer."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape C,H,W."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fully pickled module (runs code from the file!)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset to record for certification (default: the model's)."),
+    mean: Optional[str] = typer.Option(None, "--mean", help="Record the input normalization the model expects."),
+    std: Optional[str] = typer.Option(None, "--std"),
+    debug: bool = DEBUG,
+) -> None:
+    """Export to ONNX (dynamic batch, certification metadata) and check parity with onnxruntime."""
+
+    def body():
+        from harden.export import export_onnx
+
+        _check_output(output, [model])
+        bundle = _load(model, arch, trust_pickle, input_shape)
+        if data is not None:
+            bundle.data["dataset"] = data
+        if mean is not None:
+            bundle.data["mean"] = parse_floats(mean, "--mean")
+        if std is not None:
+            bundle.data["std"] = parse_floats(std, "--std")
+        parity = export_onnx(bundle, output, deterministic=deterministic)
+        if "max_abs_diff" in parity:
+            say(f"onnxruntime parity on {parity['samples']} inputs: max |diff| {parity['max_abs_diff']:.2e}")
+        say(f"wrote {output}")
+
+    run_cli(body, debug)
+
+
+@app.command()
+def inspect(
+    model: Path = typer.Argument(..., help="Model file (any accepted format, ONNX included)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full inspection as JSON; '-' for stdout."),
+    max_iters: int = typer.Option(2000, "--max-iters", help="Most power-iteration steps per layer (stops earlier at relative 1e-6)."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape C,H,W."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fully pickled module (runs code from the file!)."),
+    debug: bool = DEBUG,
+) -> None:
+    """Per layer: operator norms (l2, l1, linf), condition number, sparsity; product upper bounds on
+    the network's l2 and linf Lipschitz constants."""
+
+    def body():
+        import json
+        import sys
+
+        from rich.console import Console
+
+        from harden.inspect import inspect_bundle, inspection_table, write_inspection
+
+        if json_out is not None and str(json_out) != "-":
+            _check_output(json_out, [model])
+        bundle = _load(model, arch, trust_pickle, input_shape)
+        document = inspect_bundle(bundle, path=model, max_iters=max_iters)
+        if json_out is not None and str(json_out) == "-":
+            sys.stdout.write(json.dumps(document, indent=1) + "\n")
+            return
+        table, notes = inspection_table(document)
+        out = Console()  # the inspection is this command's result: stdout
+        out.print(table)
+        for line in notes:
+            out.print(line, highlight=False)
+        if json_out is not None:
+            write_inspection(document, json_out)
+            say(f"wrote {json_out}")
+
+    run_cli(body, debug)
+
+
+@app.command()
+def finetune(
+    model: Path = typer.Argument(..., help="Model file (any accepted format)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the fine-tuned model (.safetensors bundle)."),
+    data: Optional[str] = typer.Option(None, "--data", help="mnist, fashion-mnist, file.npz or a folder of class folders (default: the model's)."),
+    train: str = typer.Option("pgd", "--train", help="Objective: clean, fgm, pgd, trades, ibp or crown-ibp."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Radius to train for, in pixel units (needed except for clean)."),
+    norm: str = typer.Option("inf", "--norm", help="Norm of the eps ball: inf or 2."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the training set."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant or cosine (decays to 0 at the last step)."),
+    batch_size: int = typer.Option(128, "--batch-size", help="Global batch (split across processes under torchrun)."),
+    steps: int = typer.Option(10, "--steps", help="PGD/TRADES attack steps (step size 2.5 * eps / steps)."),
+    eps_ramp_epochs: Optional[float] = typer.Option(None, "--eps-ramp-epochs", help="Epochs over which eps grows from 0 (default: half the epochs for ibp/crown-ibp, 0 otherwise)."),
+    eps_schedule: str = typer.Option("linear", "--eps-schedule", help="Shape of the eps ramp: linear or smooth."),
+    true_labels: bool = typer.Option(False, "--true-labels", help="Attack the true labels instead of the model's predictions."),
+    norm_decay: Optional[float] = typer.Option(None, "--norm-decay", help="Norm decay strength beta (Liang & Huang), e.g. 1e-3."),
+    norm_decay_p: str = typer.Option("inf", "--norm-decay-p", help="Norm that norm decay shrinks: inf or 1."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Train on the first N training samples only."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on the first N test samples only."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue from a checkpoint (same MODEL, data and options)."),
+    checkpoint_dir: Optional[Path] = typer.Option(None, "--checkpoint-dir", help="Keep one checkpoint per epoch here (default: one file OUT.ckpt.safetensors, rewritten each epoch)."),
+    seed: int = typer.Option(0, "--seed", help="Makes the run repeat exactly on the same machine."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape C,H,W."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fully pickled module (runs code from the file!)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    debug: bool = DEBUG,
+) -> None:
+    """Adversarial (fgm, pgd, trades) or certified (ibp, crown-ibp) fine-tuning; runs unchanged under torchrun."""
+
+    def body():
+        from certify.data import load_dataset
+        from harden.bundle import save_bundle
+        from harden.finetune import FinetuneConfig, default_checkpoint, finetune as run_finetune, main_process
+
+        if output.suffix != ".safetensors":
+            raise UserError(f"harden writes models as .safetensors bundles, not {output.suffix or 'no suffix'}",
+                            f"use -o {output.with_suffix('.safetensors')}")
+        _check_output(output, [model] + ([resume] if resume is not None else []))
+        if eps is None and train != "clean":
+            raise UserError(f"--train {train} needs --eps", "give the radius to train for, e.g. --eps 0.1")
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit {limit} is below 1", "give a positive number of training samples")
+        config = FinetuneConfig(train=train, eps=eps or 0.0, norm=norm, epochs=epochs, lr=lr, batch_size=batch_size,
+                                seed=seed, steps=steps, eps_ramp_epochs=eps_ramp_epochs, eps_schedule=eps_schedule,
+                                attack_labels="true" if true_labels else "predicted", lr_schedule=lr_schedule,
+                                norm_decay=norm_decay, norm_decay_p=norm_decay_p, eval_limit=eval_limit)
+        bundle = _load(model, arch, trust_pickle, input_shape)
+        config.validate(tuple(bundle.input_shape), tuple(bundle.data.get("input_range", (0.0, 1.0))))
+        dataset = data or bundle.data.get("dataset")
+        if dataset is None:
+            raise UserError("the model records no dataset", "give --data mnist|fashion-mnist|file.npz|folder")
+        log = say if main_process() and not quiet else None
+        train_set = load_dataset(dataset, split="train", log=log).subset(limit)
+        test_set = load_dataset(dataset, split="test", log=log)
+        bundle.data.setdefault("dataset", dataset)
+        bundle.data.setdefault("classes", train_set.classes)
+        bundle.data.setdefault("input_range", [0.0, 1.0])
+        checkpoint = None if checkpoint_dir is not None else default_checkpoint(output)
+        record = run_finetune(bundle, train_set, test_set, config, device=device, checkpoint=checkpoint,
+                              checkpoint_dir=checkpoint_dir, resume=resume, quiet=quiet)
+        if not main_process():
+            return
+        save_bundle(bundle, output)
+        robust = ""
+        if "test_robust_accuracy" in record:
+            robust = f", {record['robust_metric']} {100 * record['test_robust_accuracy']:.2f}%"
+        say(f"test clean {100 * record['test_clean_accuracy']:.2f}%{robust} at eps {config.eps:g} "
+            f"on {record['test_samples']} samples; wrote {output}")
+
+    run_cli(body, debug)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
