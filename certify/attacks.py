@@ -100,7 +100,8 @@ class Attack:
         if not (math.isfinite(eps) and eps >= 0):
             raise UserError(f"attack eps {eps} is not a finite number >= 0", "give an eps such as 0.1")
         if torch.any(torch.as_tensor(lower) > torch.as_tensor(upper)):
-            raise UserError("the input range has lower > upper", "give an input range [lower, upper] with lower <= upper")
+            raise UserError("the input range has lower > upper",
+                            "give an input range [lower, upper] with lower <= upper")
         self.model = model
         self.eps = float(eps)
         self.norm = _NORM_ALIASES[norm]
@@ -215,7 +216,8 @@ class PGD(Attack):
             raise UserError(f"PGD needs steps >= 1 and restarts >= 1 (got {steps}, {restarts})",
                             "give at least one step and one restart")
         if step_size is not None and not (math.isfinite(step_size) and step_size > 0):
-            raise UserError(f"PGD step size {step_size} is not a positive number", "leave it unset for 2.5 * eps / steps")
+            raise UserError(f"PGD step size {step_size} is not a positive number",
+                            "leave it unset for 2.5 * eps / steps")
         self.steps = steps
         # 2.5 * eps / steps lets a run cross the ball and come back (Madry et al.'s rule of thumb).
         self.step_size = step_size if step_size is not None else 2.5 * self.eps / steps
@@ -226,7 +228,8 @@ class PGD(Attack):
         best = images.clone()
         best_loss = torch.full((images.shape[0],), float("-inf"), device=images.device)
         best_success = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
-        for _ in range(self.restarts):
+        # Without a random start every restart would repeat the first one exactly.
+        for _ in range(self.restarts if self.random_start else 1):
             todo = (~best_success).nonzero().squeeze(1)
             if todo.numel() == 0:
                 break
@@ -258,7 +261,8 @@ class EOTPGD(PGD):
     def __init__(self, model: nn.Module, eps: float, *, draws: int = 30, **pgd_options):
         super().__init__(model, eps, **pgd_options)
         if draws < 1:
-            raise UserError(f"EOT needs draws >= 1 (got {draws})", "give the number of forward passes per step, e.g. 30")
+            raise UserError(f"EOT needs draws >= 1 (got {draws})",
+                            "give the number of forward passes per step, e.g. 30")
         self.draws = draws
 
     def gradient(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

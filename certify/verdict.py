@@ -1,9 +1,12 @@
 """The per-sample verdict cascade: cheapest decisive answer first.
 
-For each sample and eps: misclassified (the clean input is its own counterexample) -> PGD attack
+For each sample and box: misclassified (the clean input is its own counterexample) -> PGD attack
 (falsified, confirmed by a plain forward) -> IBP -> CROWN -> alpha-CROWN (verified when the lower
 bound of every margin is > 0) -> unknown. A verdict of "verified" is a proof; "falsified" carries
 a concrete adversarial input; the two can never both hold for one sample (tests check this).
+
+The cascade only looks at the boxes it is given: reusing verdicts across eps (falsified at e =>
+falsified above e, verified at e => verified below e) is the engine's job.
 """
 
 from __future__ import annotations
@@ -29,9 +32,15 @@ class Verdict:
     method: str | None              # what decided: clean, pgd, ibp, crown, alpha-crown (None: unknown)
     margin_lower_bound: float | None  # best sound lower bound of min_j margin found (None: not bounded)
     seconds: float
+    reused_from: float | None = None  # the eps whose verdict implied this one (None: decided here)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
+
+    def reused_at(self, eps: float) -> "Verdict":
+        """This verdict carried over to another eps (no work done there)."""
+        return Verdict(self.index, self.label, self.prediction, self.verdict, self.method,
+                       self.margin_lower_bound, 0.0, self.reused_from if self.reused_from is not None else eps)
 
 
 @dataclass
@@ -45,10 +54,16 @@ class CascadeOptions:
 
 def certify_batch(module: nn.Module, bounder: MarginBounder, x: torch.Tensor, labels: torch.Tensor,
                   box: tuple[torch.Tensor, torch.Tensor], indices: list[int], options: CascadeOptions,
-                  already_falsified: torch.Tensor | None = None) -> list[Verdict]:
-    """Run the cascade on one batch. `already_falsified` marks samples known falsified at a smaller eps."""
+                  *, seed: int | None = None) -> list[Verdict]:
+    """Run the cascade on one batch of samples, each with its own box [x_lower, x_upper].
+
+    `seed` seeds the attack's random restarts (default `options.seed`); the engine derives it from
+    the batch's position so that a run repeats exactly however its batches are spread over ranks.
+    """
     started = time.perf_counter()
     n = x.shape[0]
+    if n == 0:
+        return []
     x_lower, x_upper = box
     device = bounder.device
     with torch.no_grad():
@@ -61,17 +76,14 @@ def certify_batch(module: nn.Module, bounder: MarginBounder, x: torch.Tensor, la
     open_ = predictions == labels
     for i in torch.nonzero(~open_).flatten().tolist():
         verdict[i], method[i] = FALSIFIED, "clean"
-    if already_falsified is not None:
-        for i in torch.nonzero(open_ & already_falsified).flatten().tolist():
-            verdict[i], method[i] = FALSIFIED, "pgd"
-        open_ &= ~already_falsified
 
     if options.attack and open_.any():
         rows = torch.nonzero(open_).flatten()
         t0 = time.perf_counter()
         found, _ = find_adversarial(module, x[rows].to(device), labels[rows].to(device),
                                     x_lower[rows].to(device), x_upper[rows].to(device),
-                                    steps=options.attack_steps, restarts=options.attack_restarts, seed=options.seed)
+                                    steps=options.attack_steps, restarts=options.attack_restarts,
+                                    seed=options.seed if seed is None else seed)
         cost[rows] += (time.perf_counter() - t0) / len(rows)
         for row in rows[found.cpu()].tolist():
             verdict[row], method[row] = FALSIFIED, "pgd"

@@ -196,7 +196,8 @@ def inspect(
             sys.stdout.write(json.dumps(document, indent=1) + "\n")
             return
         table, notes = inspection_table(document)
-        out = Console()  # the inspection is this command's result: stdout
+        # The inspection is this command's result: stdout, wide enough for the table when piped.
+        out = Console() if sys.stdout.isatty() else Console(width=160)
         out.print(table)
         for line in notes:
             out.print(line, highlight=False)
@@ -277,6 +278,88 @@ def finetune(
         if "test_robust_accuracy" in record:
             robust = f", {record['robust_metric']} {100 * record['test_robust_accuracy']:.2f}%"
         say(f"test clean {100 * record['test_clean_accuracy']:.2f}%{robust} at eps {config.eps:g} "
+            f"on {record['test_samples']} samples; wrote {output}")
+
+    run_cli(body, debug)
+
+
+@app.command()
+def prune(
+    model: Path = typer.Argument(..., help="Model file (any accepted format)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Where to write the pruned model (.safetensors bundle)."),
+    sparsity: float = typer.Option(..., "--sparsity", help="Fraction of the Conv2d/Linear weights to zero, in [0, 1)."),
+    data: Optional[str] = typer.Option(None, "--data", help="mnist, fashion-mnist, file.npz or a folder of class folders (default: the model's)."),
+    schedule: str = typer.Option("cubic", "--schedule", help="cubic (gradual, s_f (1 - (1 - t/T)^3)) or oneshot."),
+    prune_steps: int = typer.Option(10, "--prune-steps", help="Pruning events T of the cubic schedule, spread over the first half of the steps."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="The same sparsity in every layer (default: one global magnitude ranking)."),
+    kappa_max: Optional[float] = typer.Option(None, "--kappa-max", help="Condition-number bound of the hinge constraint on every pruned layer."),
+    cond_weight: Optional[float] = typer.Option(None, "--cond-weight", help="lambda_c of the condition constraint (default 1 for the hinge, 1e-3 for logdet)."),
+    cond_form: str = typer.Option("hinge", "--cond-form", help="hinge (needs --kappa-max) or logdet (the reference's (log(1e-5 + det(G/r)))^2)."),
+    tsc_a: float = typer.Option(100.0, "--tsc-a", help="a of the transformed-l1 term rho_a(t) = (a+1) t / (a+t)."),
+    tsc_weight: float = typer.Option(0.0, "--tsc-weight", help="lambda_s of the transformed-l1 sparsity term (0: off)."),
+    train: Optional[str] = typer.Option(None, "--train", help="clean, pgd or trades (default: the model's last adversarial fine-tuning, else clean)."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Radius for pgd/trades, in pixel units (with clean: only the final PGD evaluation)."),
+    norm: str = typer.Option("inf", "--norm", help="Norm of the eps ball: inf or 2."),
+    steps: int = typer.Option(10, "--steps", help="PGD/TRADES attack steps."),
+    epochs: int = typer.Option(2, "--epochs", help="Passes over the training set (pruning, then fine-tuning under the final mask)."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Train on the first N training samples only."),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="Evaluate on the first N test samples only."),
+    seed: int = typer.Option(0, "--seed", help="Makes the run repeat exactly on the same machine."),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape C,H,W."),
+    arch: Optional[str] = typer.Option(None, "--arch", help=ARCH_HELP),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Allow a fully pickled module (runs code from the file!)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+    debug: bool = DEBUG,
+) -> None:
+    """Gradual magnitude pruning with the transformed-l1 term and a condition-number constraint
+    (TSCNC), adversarial fine-tuning in the same loop; masks are baked into the weights on export."""
+
+    def body():
+        from certify.data import load_dataset
+        from harden.bundle import save_bundle
+        from harden.prune import PruneConfig, objective_from_history, prune as run_prune
+
+        if output.suffix != ".safetensors":
+            raise UserError(f"harden writes models as .safetensors bundles, not {output.suffix or 'no suffix'}",
+                            f"use -o {output.with_suffix('.safetensors')}")
+        _check_output(output, [model])
+        if limit is not None and limit < 1:
+            raise UserError(f"--limit {limit} is below 1", "give a positive number of training samples")
+        config = PruneConfig(sparsity=sparsity, schedule=schedule, prune_steps=1 if schedule == "oneshot" else prune_steps,
+                             scope="per-layer" if per_layer else "global", kappa_max=kappa_max,
+                             cond_form=cond_form, cond_weight=cond_weight, tsc_a=tsc_a, tsc_weight=tsc_weight,
+                             train=train or "clean", eps=eps or 0.0, norm=norm, steps=steps, epochs=epochs, lr=lr,
+                             batch_size=batch_size, seed=seed, eval_limit=eval_limit)
+        if train is None and eps is None:
+            config.validate()  # everything but the objective, which may come from the model
+        bundle = _load(model, arch, trust_pickle, input_shape)
+        if train is None and eps is None and (previous := objective_from_history(bundle)) is not None:
+            config.train, config.eps, config.norm = previous
+            say(f"training objective from the model's fine-tuning: {config.train} eps {config.eps:g} (l{config.norm})",
+                quiet=quiet)
+        config.validate()
+        dataset = data or bundle.data.get("dataset")
+        if dataset is None:
+            raise UserError("the model records no dataset", "give --data mnist|fashion-mnist|file.npz|folder")
+        log = None if quiet else say
+        train_set = load_dataset(dataset, split="train", log=log).subset(limit)
+        test_set = load_dataset(dataset, split="test", log=log)
+        bundle.data.setdefault("dataset", dataset)
+        bundle.data.setdefault("classes", train_set.classes)
+        bundle.data.setdefault("input_range", [0.0, 1.0])
+        record = run_prune(bundle, train_set, test_set, config, device=device, quiet=quiet)
+        save_bundle(bundle, output)
+        final = record["final"]
+        robust = ""
+        if "test_robust_accuracy" in record:
+            robust = f", {record['robust_metric']} {100 * record['test_robust_accuracy']:.2f}% at eps {config.eps:g}"
+        kappa = "inf" if final["max_kappa"] is None else f"{final['max_kappa']:.3g}"
+        live = "inf" if final["max_live_kappa"] is None else f"{final['max_live_kappa']:.3g}"
+        say(f"sparsity {100 * final['sparsity']:.2f}% ({final['zeros']} of {final['entries']} weights); max kappa {kappa} "
+            f"(live part {live}); test clean {100 * record['test_clean_accuracy']:.2f}%{robust} "
             f"on {record['test_samples']} samples; wrote {output}")
 
     run_cli(body, debug)

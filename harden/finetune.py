@@ -446,6 +446,7 @@ def _run(bundle, train, test, config, dev, processes, input_range, checkpoint, c
                 save_checkpoint(path, module=bundle.module, optimizer=optimizer, terms=terms, epoch=epoch + 1,
                                 config=config, epochs_log=epochs_log,
                                 extra={"train_samples": n, "dataset": train.name, "world_size": processes.world})
+    _converge_spectral_norms(bundle.module)
     processes.barrier()
 
     record = {"run": "finetune", **asdict(config), "eps_ramp_epochs": config.ramp_epochs(),
@@ -458,6 +459,25 @@ def _run(bundle, train, test, config, dev, processes, input_range, checkpoint, c
                                tuple(bundle.input_shape), device=dev))
     record["seconds"] = round(time.perf_counter() - started, 1)
     return record
+
+
+def _converge_spectral_norms(module: nn.Module) -> None:
+    """Converge every spectral-norm state once training is done. One power iteration per step
+    (the method's default) lags behind the weights when Adam turns the top singular direction:
+    measured on the small CNN's 1568x100 layer at lr 1e-3, sigma 3.2 estimated vs 3.7 true after
+    20 steps, i.e. an operator norm of 1.74 for beta 1.5. Converged, the clip is exact again and
+    the output holds sigma <= beta. Done after the last checkpoint (it can take seconds), so a
+    resumed run follows the uninterrupted one exactly."""
+    from harden.spectral import _parametrization_input, spectral_layers
+
+    # One sample per iteration: thread hand-offs cost more than the math (10x measured on 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _, layer, sn in spectral_layers(module):
+            sn.converge(_parametrization_input(layer, sn))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _robust_name(config: FinetuneConfig) -> str:

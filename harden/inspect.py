@@ -7,7 +7,8 @@ parametrization, i.e. the weight the model uses):
   - the l2 operator norm by power iteration in float64 (norms.operator_spectral_norm) until the
     estimated relative error is below `tol`, with the iterations used and whether it got there;
   - the exact l1 and linf operator norms (norms.l1_norm / linf_norm) on that input size;
-  - the condition number of the weight matrix (a kernel as C_out x C_in*kh*kw) and its sparsity.
+  - the condition number of the weight matrix (a kernel as C_out x C_in*kh*kw) and its sparsity;
+    inf for a rank-deficient matrix, and for a pruned one also that of its live part (harden.prune).
 
 Lipschitz bounds. For a network that is a chain of layers, ||f(x) - f(x')|| <= prod_i L_i ||x - x'||
 where L_i is each layer's Lipschitz constant in that norm: the operator norm of a Conv2d / Linear
@@ -35,8 +36,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from certify.errors import UserError
-from harden.norms import (condition_number, effective_weight, l1_norm, linf_norm,
+from harden.norms import (effective_weight, l1_norm, linf_norm,
                           operator_spectral_norm, sparsity)
+from harden.prune import kappa, live_kappa
 from harden.wca import WCAHead, WCANoise, noise_disabled
 
 SCHEMA = "harden.inspect/1"
@@ -54,6 +56,8 @@ _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.permute, torch.squeeze, 
                     torch.transpose}
 _SHAPE_METHODS = {"reshape", "view", "flatten", "permute", "transpose", "squeeze", "unsqueeze",
                   "contiguous"}
+_ONE_LIPSCHITZ_FUNCTIONS = {torch.relu, F.relu, torch.tanh, torch.sigmoid, F.hardtanh, F.relu6}
+_ONE_LIPSCHITZ_METHODS = {"relu", "tanh", "sigmoid"}
 
 
 @dataclass
@@ -169,13 +173,17 @@ def _weight_layer(layer: nn.Module, input_shape: tuple[int, ...], max_iters: int
         l1 = linf = None
         exact_note = error.what
     weight = effective_weight(layer)
-    condition = condition_number(weight)
+    # A pruned layer is often singular by its zero pattern (a unit whose weights are all pruned):
+    # kappa is inf there, not LAPACK's round-off ratio; the live part (zero rows/columns dropped)
+    # is what the layer still computes.
+    condition = kappa(weight)
     row = {
         "weight_shape": list(weight.shape),
         "spectral_norm": {"value": sigma, "iterations": steps, "converged": steps < max_iters,
                           "method": f"power iteration (float64) to relative {tol:g}"},
         "l1_norm": l1, "linf_norm": linf,
         "condition_number": None if math.isinf(condition) else condition,  # None: rank-deficient
+        "live_condition_number": _finite_or_none(live_kappa(weight)) if bool((weight == 0).any()) else None,
         "sparsity": sparsity(weight),
         "sn_beta": _spectral_norm_beta(layer),
         "l2_gain": sigma, "linf_gain": linf,
@@ -184,6 +192,10 @@ def _weight_layer(layer: nn.Module, input_shape: tuple[int, ...], max_iters: int
     if exact_note:
         row["note"] = exact_note
     return row
+
+
+def _finite_or_none(value: float) -> float | None:
+    return None if math.isinf(value) else value
 
 
 def _spectral_norm_beta(layer: nn.Module) -> float | None:
@@ -353,6 +365,8 @@ def _function_gain(graph_module: fx.GraphModule, node: fx.Node, source: fx.Node)
         return 1.0, "reshape"
     if target is F.pad and node.kwargs.get("mode", "constant") == "constant":
         return 1.0, "constant padding"
+    if target in _ONE_LIPSCHITZ_FUNCTIONS or (node.op == "call_method" and target in _ONE_LIPSCHITZ_METHODS):
+        return 1.0, "1-Lipschitz activation"
     others = [a for a in node.args if a is not source]
     if len(others) != 1 or len(node.args) != 2:
         return None
@@ -402,6 +416,12 @@ def write_inspection(document: dict, path: str | Path) -> None:
         tmp.write_text(json.dumps(document, indent=1))
 
 
+def _condition_cell(row: dict) -> str:
+    full = "inf" if row["condition_number"] is None else f"{row['condition_number']:.3g}"
+    live = row.get("live_condition_number")
+    return f"{full} (live {live:.3g})" if row["condition_number"] is None and live is not None else full
+
+
 def inspection_table(document: dict):
     """A rich Table for people, and the lines to print under it."""
     from rich.table import Table
@@ -425,7 +445,7 @@ def inspection_table(document: dict):
         table.add_row(row["name"], row["type"], "x".join(map(str, row.get("weight_shape", []))) or "-",
                       "x".join(map(str, row.get("input_shape", []))) or "-", sigma,
                       number(row.get("l1_norm")), number(row.get("linf_norm")),
-                      number(row.get("condition_number"), "{:.3g}") if "condition_number" in row else "-",
+                      _condition_cell(row) if "condition_number" in row else "-",
                       number(row.get("sparsity"), "{:.1%}") if "sparsity" in row else "-",
                       number(row.get("l2_gain")), number(row.get("linf_gain")))
     bounds = document["lipschitz"]

@@ -33,10 +33,18 @@ def _wca(bundle, step: dict) -> None:
                init_std=step.get("init_std", DEFAULT_INIT_STD))
 
 
+def _prune(bundle, step: dict) -> None:
+    from harden.prune import apply_prune_step
+
+    # All-ones masks on the recorded layers; the mask buffers come from the state dict.
+    apply_prune_step(bundle, step)
+
+
 STEPS: dict[str, Callable] = {
     "fold-batchnorm": _batchnorm_folded,
     "wca": _wca,
     "spectral-norm": _spectral_norm,
+    "prune": _prune,
 }
 
 

@@ -105,8 +105,13 @@ class WCAHead(nn.Module):
     def regularizer(self) -> torch.Tensor:
         """-log tr(W Sigma W^T) = -log ||W L||_F^2, W the classifier weight actually used (after
         any spectral normalization). Differentiable in L and W; add it to the loss."""
-        aligned = self.classifier.weight @ self.noise.cholesky_factor()
-        return -torch.log(aligned.pow(2).sum())
+        from harden.spectral import frozen_power_iteration
+
+        # Reading a spectrally normalized weight in training mode would advance its power
+        # iteration a second time per step; the forward pass already did.
+        with frozen_power_iteration(self.classifier):
+            weight = self.classifier.weight
+        return -torch.log((weight @ self.noise.cholesky_factor()).pow(2).sum())
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if self.projection is not None:

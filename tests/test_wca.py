@@ -173,6 +173,14 @@ def test_wca_with_spectral_norm_survives_save_and_load(tmp_path):
     head, head_again = wca_heads(bundle.module)[0][1], wca_heads(loaded.module)[0][1]
     assert torch.equal(head.covariance(), head_again.covariance())
     assert head_again.regularizer().item() == pytest.approx(head.regularizer().item(), rel=1e-6)
+    # In training mode the loss term reads the normalized classifier weight without moving its
+    # power iteration (the forward pass does that once per step).
+    loaded.module.train()
+    state = head_again.classifier.parametrizations.weight[0].u.clone()
+    head_again.regularizer().backward()
+    assert torch.equal(state, head_again.classifier.parametrizations.weight[0].u)
+    assert head_again.classifier.parametrizations.weight.original.grad.abs().sum() > 0
+    loaded.module.eval()
     x = torch.rand(8, *shape)
     bundle.module.eval()
     with torch.no_grad(), noise_disabled(bundle.module), noise_disabled(loaded.module):
@@ -275,3 +283,13 @@ def test_cli_convert_with_wca_and_stochastic_export(tmp_path):
     result = runner.invoke(app, ["convert", str(source), "--noise", "gauss"])
     assert result.exit_code == 2 and "unknown --noise" in result.output
     assert not (tmp_path / "model.hard.safetensors").exists()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Power iterations are thousands of single-sample ops: one thread is fastest, and it keeps them
+    # from stalling on a busy machine (2 threads spinning on 2 shared cores: ~100x slower per op).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,0 +1,89 @@
+"""Sharding a certification run across the ranks of `torchrun`, and merging the shards on rank 0.
+
+Under `torchrun --nproc-per-node N -m certify ...` every rank runs the same command line. Each rank
+certifies whole batches (batch b goes to rank b mod N), so every batch is the same set of samples
+as in a one-process run, and with the batch-derived attack seed the verdicts are the same too.
+Rank 0 gathers the per-sample records (small: no bounds, no images) and writes the one report;
+the other ranks write nothing. gloo on CPU, NCCL when the run is on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Shard:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def owns_batch(self, batch_number: int) -> bool:
+        return batch_number % self.world_size == self.rank
+
+
+SINGLE = Shard()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def start(device: torch.device) -> Shard:
+    """Join the process group that torchrun set up (environment variables); one process: no-op."""
+    if not launched_by_torchrun():
+        return SINGLE
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return Shard(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_for(shard: Shard, requested: str | None) -> torch.device:
+    """The device of this rank: with several ranks on one machine, CUDA rank r takes GPU r."""
+    if requested in (None, "auto"):
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(requested)
+    if device.type == "cuda" and device.index is None and shard.world_size > 1:
+        device = torch.device("cuda", shard.local_rank % max(torch.cuda.device_count(), 1))
+    return device
+
+
+def gather(shard: Shard, value: Any) -> list[Any] | None:
+    """Every rank's `value` on rank 0 (in rank order); None on the other ranks."""
+    if shard.world_size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    gathered: list[Any] | None = [None] * shard.world_size if shard.is_main else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
+def all_agree(shard: Shard, ok: bool) -> bool:
+    """True on every rank only when `ok` holds on every rank (so that all ranks stop together)."""
+    if shard.world_size == 1:
+        return ok
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if ok else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def finish(shard: Shard) -> None:
+    if shard.world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,62 @@
+"""The README's main job, end to end through the real command lines (small budget), and the
+certify command's contract on a model without metadata."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_main_job_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist_end_to_end.py"), "--out", str(out),
+                             "--epochs", "1", "--limit", "20"], capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("model.safetensors", "model.hard.safetensors", "model.onnx", "report.json"):
+        assert (out / name).is_file(), name
+    report = json.loads((out / "report.json").read_text())
+    assert [r["eps"] for r in report["results"]] == [0.01, 0.05]
+    from certify.files import sha256_file
+
+    assert report["model"]["sha256"] == sha256_file(out / "model.onnx")
+    assert report["spec"]["methods"] == ["crown"] and report["spec"]["dataset"] == "mnist"
+    assert "torch" in report["tools"] and "auto_LiRPA" in report["tools"]
+    small, large = report["results"]
+    assert small["samples"] == 20 and len(small["per_sample"]) == 20
+    # after one epoch the CNN is right on most of these images, and CROWN proves most at eps 0.01
+    assert small["clean_accuracy"] >= 0.85
+    assert small["certified_accuracy"] >= 0.5
+    # a certificate never exceeds what the attack leaves, and robustness only drops with eps
+    for r in report["results"]:
+        assert r["certified_accuracy"] <= r["attacked_accuracy"] <= r["clean_accuracy"]
+    assert large["certified_accuracy"] <= small["certified_accuracy"]
+    assert "certified" in result.stderr + result.stdout  # the table was printed
+    # the second run reuses the trained model
+    again = subprocess.run([sys.executable, str(ROOT / "examples" / "mnist_end_to_end.py"), "--out", str(out),
+                            "--limit", "5"], capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0 and "reusing the trained model" in again.stdout
+
+
+def test_certify_needs_data_for_foreign_onnx(tmp_path):
+    model = ROOT.parent / "shared" / "vnncomp" / "mnistfc" / "mnist-net_256x2.onnx"
+    if not model.is_file():
+        import pytest
+
+        pytest.skip("shared VNN-COMP models not present")
+    bare = subprocess.run([sys.executable, "-m", "certify", str(model), "--eps", "0.02", "--limit", "5"],
+                          capture_output=True, text=True)
+    assert bare.returncode == 2 and "--data" in bare.stderr
+    assert len(bare.stderr.strip().splitlines()) == 1
+    report = tmp_path / "r.json"
+    ok = subprocess.run([sys.executable, "-m", "certify", str(model), "--data", "mnist", "--eps", "0.02",
+                         "--limit", "10", "--method", "crown", "--json", str(report)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    result = json.loads(report.read_text())["results"][0]
+    assert result["samples"] == 10 and result["clean_accuracy"] >= 0.8
+    bad_eps = subprocess.run([sys.executable, "-m", "certify", str(model), "--data", "mnist", "--eps", "1.5",
+                              "--json", str(tmp_path / "bad.json")], capture_output=True, text=True)
+    assert bad_eps.returncode == 2 and "eps" in bad_eps.stderr and not (tmp_path / "bad.json").exists()
