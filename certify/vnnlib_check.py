@@ -40,7 +40,7 @@ from certify.files import sha256_file
 from certify.model import CertifiableModel, load_certifiable
 from certify.progress import progress_bar, say
 from certify.spec import InputSpec, with_normalization
-from certify.verdict import CascadeOptions
+from certify.verdict import CascadeOptions, cascade_stages
 from certify.vnnlib import VnnlibProperty, find_properties, parse_vnnlib, write_counterexample
 
 SAT, UNSAT, UNKNOWN = "sat", "unsat", "unknown"
@@ -243,20 +243,6 @@ def _check_fits(prop: VnnlibProperty, state: _Loaded) -> None:
                         f"{state.outputs}", "give the properties of this model")
 
 
-def _stages(options: CascadeOptions) -> list[tuple[str, int]]:
-    """Cheapest first by real cost: a one-restart attack from the centre, the cheap bounds (IBP,
-    CROWN), the remaining restarts (PGD costs several CROWN passes on a robust property), then
-    alpha-CROWN, which costs the most."""
-    stages: list[tuple[str, int]] = [("attack", 1)] if options.attack else []
-    cheap = [m for m in options.methods if m != "alpha-crown"]
-    stages += [(m, 0) for m in cheap]
-    if options.attack and options.attack_restarts > 1:
-        stages.append(("attack", options.attack_restarts - 1))
-    if "alpha-crown" in options.methods:
-        stages.append(("alpha-crown", 0))
-    return stages
-
-
 def _check_chunk(state: _Loaded, onnx: Path, props: list[VnnlibProperty], options: CascadeOptions,
                  seed: int) -> list[PropertyResult]:
     n = len(props)
@@ -275,7 +261,7 @@ def _check_chunk(state: _Loaded, onnx: Path, props: list[VnnlibProperty], option
     bound_lo, bound_hi = _float32_outward(lower64, upper64)
     attacks_done = 0
 
-    for stage, restarts in _stages(options):
+    for stage, restarts in cascade_stages(options):
         rows = torch.tensor([i for i in range(n) if result[i] == UNKNOWN], dtype=torch.long)
         if rows.numel() == 0:
             break

@@ -6,6 +6,8 @@ norms depend on it. For every Conv2d / Linear (after any spectral-norm or prunin
 parametrization, i.e. the weight the model uses):
   - the l2 operator norm by power iteration in float64 (norms.operator_spectral_norm) until the
     estimated relative error is below `tol`, with the iterations used and whether it got there;
+    where it did not (close top singular values) and the layer's explicit matrix is small enough,
+    the exact value from that matrix, labelled so;
   - the exact l1 and linf operator norms (norms.l1_norm / linf_norm) on that input size;
   - the condition number of the weight matrix (a kernel as C_out x C_in*kh*kw) and its sparsity;
     inf for a rank-deficient matrix, and for a pruned one also that of its live part (harden.prune).
@@ -36,7 +38,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from certify.errors import UserError
-from harden.norms import (effective_weight, l1_norm, linf_norm,
+from harden.norms import (ConvOperator, conv_operator_matrix, effective_weight, l1_norm, linf_norm,
                           operator_spectral_norm, sparsity)
 from harden.prune import kappa, live_kappa
 from harden.wca import WCAHead, WCANoise, noise_disabled
@@ -44,6 +46,7 @@ from harden.wca import WCAHead, WCANoise, noise_disabled
 SCHEMA = "harden.inspect/1"
 MAX_ITERS = 2000
 TOLERANCE = 1e-6
+EXACT_LIMIT = 8_000_000  # matrix entries (64 MB in float64) up to which a stalled sigma is computed exactly
 
 # Activations whose Lipschitz constant is at most 1 in every norm (element-wise, slope in [0, 1]).
 _ONE_LIPSCHITZ = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softsign, nn.Softplus,
@@ -88,7 +91,7 @@ def inspect_model(module: nn.Module, input_shape: tuple[int, ...], *, max_iters:
             if key not in cache:
                 cache[key] = _weight_layer(call.module, call.input_shape, max_iters, tol)
             row.update(cache[key])
-            if not row["spectral_norm"]["converged"]:
+            if not row["spectral_norm"]["converged"] and "power_iteration_value" not in row["spectral_norm"]:
                 assumptions.append(f"the power iteration of '{call.name}' stopped at {max_iters} steps before "
                                    f"reaching tolerance {tol:g}: its sigma may be low")
         else:
@@ -167,6 +170,14 @@ def _trace(module: nn.Module, input_shape: tuple[int, ...]) -> list[_Call]:
 def _weight_layer(layer: nn.Module, input_shape: tuple[int, ...], max_iters: int, tol: float) -> dict:
     input_hw = tuple(input_shape[-2:]) if isinstance(layer, nn.Conv2d) else None
     sigma, steps = operator_spectral_norm(layer, input_hw, iters=max_iters, tol=tol)
+    spectral = {"value": sigma, "iterations": steps, "converged": steps < max_iters,
+                "method": f"power iteration (float64) to relative {tol:g}"}
+    if not spectral["converged"]:
+        exact = _exact_spectral_norm(layer, input_hw)
+        if exact is not None:
+            spectral.update({"value": exact, "power_iteration_value": sigma,
+                             "method": f"explicit matrix (power iteration short of {tol:g} after {steps} steps)"})
+            sigma = exact
     try:
         l1, linf, exact_note = l1_norm(layer, input_hw), linf_norm(layer, input_hw), None
     except UserError as error:  # e.g. reflect padding: no exact tap-sum formula
@@ -179,8 +190,7 @@ def _weight_layer(layer: nn.Module, input_shape: tuple[int, ...], max_iters: int
     condition = kappa(weight)
     row = {
         "weight_shape": list(weight.shape),
-        "spectral_norm": {"value": sigma, "iterations": steps, "converged": steps < max_iters,
-                          "method": f"power iteration (float64) to relative {tol:g}"},
+        "spectral_norm": spectral,
         "l1_norm": l1, "linf_norm": linf,
         "condition_number": None if math.isinf(condition) else condition,  # None: rank-deficient
         "live_condition_number": _finite_or_none(live_kappa(weight)) if bool((weight == 0).any()) else None,
@@ -196,6 +206,24 @@ def _weight_layer(layer: nn.Module, input_shape: tuple[int, ...], max_iters: int
 
 def _finite_or_none(value: float) -> float | None:
     return None if math.isinf(value) else value
+
+
+def _exact_spectral_norm(layer: nn.Module, input_hw: tuple[int, int] | None) -> float | None:
+    """The largest singular value of the layer's explicit matrix, when that matrix is small enough
+    (close top singular values can stall the power iteration for thousands of steps)."""
+    if isinstance(layer, nn.Conv2d):
+        op = ConvOperator.of(layer, input_hw)
+        entries = layer.in_channels * input_hw[0] * input_hw[1] * layer.out_channels * op.output_hw[0] * op.output_hw[1]
+        if entries > EXACT_LIMIT:
+            return None
+        matrix = conv_operator_matrix(layer, input_hw)
+    else:
+        matrix = effective_weight(layer).to(torch.float64)
+        if matrix.numel() > EXACT_LIMIT:
+            return None
+    # sigma_max^2 is the top eigenvalue of the smaller Gram matrix: cheaper than an SVD.
+    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
+    return float(torch.linalg.eigvalsh(gram)[-1].clamp_min(0.0).sqrt())
 
 
 def _spectral_norm_beta(layer: nn.Module) -> float | None:

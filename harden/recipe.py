@@ -16,7 +16,7 @@ def _spectral_norm(bundle, step: dict) -> None:
 
     apply_spectral_norm(bundle.module, step["beta"], input_shape=tuple(bundle.input_shape),
                         layers=tuple(step.get("layers", ("conv", "linear"))),
-                        n_power_iterations=step.get("n_power_iterations", 1))
+                        n_power_iterations=step.get("n_power_iterations", 1), converge=False)
 
 
 def _batchnorm_folded(bundle, step: dict) -> None:

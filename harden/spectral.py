@@ -91,7 +91,10 @@ class OperatorSpectralNorm(nn.Module):
         sigma = (out * direction).sum()
         with torch.no_grad():
             self.sigma.copy_(sigma.detach())
-        return weight / torch.clamp(sigma / self.beta, min=1.0)
+        if sigma.detach() <= self.beta:
+            # Not clipped: W / 1 has the same value and gradient, without a backward through sigma.
+            return weight
+        return weight / (sigma / self.beta)
 
     def extra_repr(self) -> str:
         size = f", input_hw={self.input_hw}" if self.input_hw is not None else ""
@@ -159,7 +162,7 @@ def _input_sizes(model: nn.Module, input_shape: tuple[int, ...], convs: dict[nn.
 
 def apply_spectral_norm(model: nn.Module, beta: float, *, input_shape: tuple[int, ...],
                         layers: tuple[str, ...] = ("conv", "linear"),
-                        n_power_iterations: int = 1) -> list[dict]:
+                        n_power_iterations: int = 1, converge: bool = True) -> list[dict]:
     """Register OperatorSpectralNorm (in place) on every nn.Conv2d ("conv") and nn.Linear ("linear")
     of `model`; `input_shape` is one sample's shape (C, H, W). Each power iteration is converged at
     registration (float64, estimated relative error < 1e-8, at most 5000 steps). Returns one record per
@@ -189,7 +192,8 @@ def apply_spectral_norm(model: nn.Module, beta: float, *, input_shape: tuple[int
         weight = effective_weight(layer)
         sn = OperatorSpectralNorm(layer_operator(layer, input_hw), beta, weight,
                                   n_power_iterations=n_power_iterations)
-        sigma, steps = sn.converge(weight)
+        # Reloading a saved model (converge=False) skips this: the file restores u and sigma.
+        sigma, steps = sn.converge(weight) if converge else (float("nan"), 0)
         parametrize.register_parametrization(layer, "weight", sn)
         if input_hw is not None:
             layer.register_forward_pre_hook(_InputSizeCheck(name, input_hw))

@@ -272,9 +272,12 @@ def test_eot_gradient_is_much_closer_to_the_expected_gradient(noisy_cnn, images)
     expected = EOTPGD(noisy_cnn, 0.1, draws=200, loss="margin").gradient(x, y)
     one_draw = PGD(noisy_cnn, 0.1, loss="margin").gradient(x, y)
     eot = EOTPGD(noisy_cnn, 0.1, draws=20, loss="margin").gradient(x, y)
-    cosine = lambda a: F.cosine_similarity(a.flatten(1), expected.flatten(1)).mean().item()  # noqa: E731
-    assert cosine(eot) > 0.95
-    assert cosine(one_draw) < 0.85
+
+    def cosine(gradient: torch.Tensor) -> float:
+        return F.cosine_similarity(gradient.flatten(1), expected.flatten(1)).mean().item()
+
+    assert cosine(eot) > 0.95  # measured 0.98
+    assert cosine(one_draw) < 0.85  # measured 0.73
 
 
 @pytest.mark.slow

@@ -48,10 +48,10 @@ def test_bisection_order_visits_each_eps_once_middle_first():
 
 def test_reuse_across_eps_both_ways(cnn_onnx):
     eps = [0.005, 0.02, 0.04, 0.08]
-    run = certify_model(cnn_onnx, eps, limit=16, batch_size=16, **CHEAP)
+    run = certify_model(cnn_onnx, eps, limit=12, batch_size=12, **CHEAP)
     assert [r.eps for r in run.results] == eps
     reused = {VERIFIED: 0, FALSIFIED: 0}
-    for i in range(16):
+    for i in range(12):
         verdicts = [run.results[k].samples[i] for k in range(len(eps))]
         assert len({v.index for v in verdicts}) == 1
         kinds = [v.verdict for v in verdicts]
@@ -74,7 +74,7 @@ def test_reuse_across_eps_both_ways(cnn_onnx):
     assert summaries[-1]["attacked_accuracy"] < summaries[0]["attacked_accuracy"]
     for s in summaries:
         assert s["certified_accuracy"] <= s["attacked_accuracy"] <= s["clean_accuracy"]
-        assert s["verified"] + s["falsified"] + s["unknown"] == 16
+        assert s["verified"] + s["falsified"] + s["unknown"] == 12
     assert [s["certified_accuracy"] for s in summaries] == sorted((s["certified_accuracy"] for s in summaries), reverse=True)
 
 
@@ -83,13 +83,14 @@ def test_radius_bisection(cnn_onnx):
     from certify.data import load_dataset
 
     tol = 0.01
-    run = certify_model(cnn_onnx, [0.02], limit=6, batch_size=6, radius=True, radius_tol=tol, **CHEAP)
+    run = certify_model(cnn_onnx, [0.02], limit=4, batch_size=4, radius=True, radius_tol=tol, radius_max=0.16,
+                        **CHEAP)
     records = run.radius.samples
-    assert [r.index for r in records] == list(range(6))
+    assert [r.index for r in records] == list(range(4))
     at_002 = run.results[0].samples
-    x = load_dataset("mnist", "test").x[:6]
+    x = load_dataset("mnist", "test").x[:4]
     for r, v in zip(records, at_002):
-        assert 0.0 <= r.radius <= r.upper <= 1.0
+        assert 0.0 <= r.radius <= r.upper <= 0.16
         assert r.upper - r.radius <= tol
         if v.verdict == VERIFIED:
             assert r.radius >= 0.02  # the --eps verdicts start the bisection
@@ -101,9 +102,9 @@ def test_radius_bisection(cnn_onnx):
             assert r.method in ("ibp", "crown")
     summary = run.radius.summary()
     radii = sorted(r.radius for r in records)
-    assert summary["mean"] == pytest.approx(sum(radii) / 6)
-    assert summary["median"] == pytest.approx((radii[2] + radii[3]) / 2)
-    assert summary["certified_nonzero"] == sum(r > 0 for r in radii) >= 4
+    assert summary["mean"] == pytest.approx(sum(radii) / 4)
+    assert summary["median"] == pytest.approx((radii[1] + radii[2]) / 2)
+    assert summary["certified_nonzero"] == sum(r > 0 for r in radii) >= 3
     # no adversarial example inside any certified radius
     from certify.model import load_certifiable
 
@@ -117,25 +118,25 @@ def test_radius_bisection(cnn_onnx):
 
 
 class _ExpectsNormalized(nn.Module):
-    """The trained CNN behind an input that must be normalized first: g(z) = f(z * std + mean)."""
+    """The trained CNN behind an input that must be normalized first: g(z) = f(z * std + mean).
+    Per-channel (1, C, 1, 1) constants, as exporters write them: auto_LiRPA 0.3 bounds an
+    element-wise op by a constant before a conv only with a 4-D constant (see the report)."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()
         self.inner = inner
+        self.register_buffer("mean", torch.full((1, 1, 1, 1), MEAN))
+        self.register_buffer("std", torch.full((1, 1, 1, 1), STD))
 
     def forward(self, z):
-        return self.inner(z * STD + MEAN)
+        return self.inner(z * self.std + self.mean)
 
 
-class _NormalizesItself(nn.Module):
+class _NormalizesItself(_ExpectsNormalized):
     """A graph that starts with its own normalization: h(x) = g((x - mean) / std) = f(x)."""
 
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
     def forward(self, x):
-        return self.inner((x - MEAN) / STD)
+        return super().forward((x - self.mean) / self.std)
 
 
 def test_normalization_outside_and_inside_the_graph(trained_small_cnn, cnn_onnx, tmp_path):
@@ -147,7 +148,7 @@ def test_normalization_outside_and_inside_the_graph(trained_small_cnn, cnn_onnx,
     expects = tmp_path / "expects_normalized.onnx"
     expects.write_bytes(module_to_onnx_bytes(_ExpectsNormalized(inner), (1, 28, 28)))
     itself = tmp_path / "normalizes_itself.onnx"
-    itself.write_bytes(module_to_onnx_bytes(_NormalizesItself(_ExpectsNormalized(inner)), (1, 28, 28)))
+    itself.write_bytes(module_to_onnx_bytes(_NormalizesItself(inner), (1, 28, 28)))
     assert graph_normalization(itself)[:2] == ["Sub", "Div"]
     assert graph_normalization(expects) == ["Mul", "Add"]
     assert graph_normalization(cnn_onnx) == []

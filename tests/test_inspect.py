@@ -74,6 +74,18 @@ def test_layer_values_equal_the_norms_functions():
     assert bounds["l2_upper_bound_hoelder"] >= bounds["l2_upper_bound"]  # sqrt(l1 linf) >= sigma
 
 
+def test_a_stalled_power_iteration_falls_back_to_the_explicit_matrix():
+    model = known_model()
+    rows = rows_by_name(inspect_model(model, SHAPE, max_iters=3))
+    for name, input_hw in (("0", (14, 14)), ("3", (7, 7)), ("7", None)):
+        spectral = rows[name]["spectral_norm"]
+        matrix = conv_operator_matrix(model[int(name)], input_hw) if input_hw else model[int(name)].weight.double()
+        assert not spectral["converged"] and spectral["method"].startswith("explicit matrix")
+        assert spectral["value"] == pytest.approx(float(torch.linalg.matrix_norm(matrix, 2)), rel=1e-9)
+        assert spectral["power_iteration_value"] <= spectral["value"] * (1 + 1e-12)  # it approaches from below
+        assert rows[name]["l2_gain"] == spectral["value"]
+
+
 def observed_ratios(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     with torch.no_grad():
         out = model(x) - model(y)
