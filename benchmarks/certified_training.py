@@ -20,8 +20,13 @@ import copy
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+# Run as a script, Python puts benchmarks/ first on sys.path, where a sibling script may share a
+# package's name (benchmarks/certify.py); import the packages, never a sibling script.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 REFERENCE = {"target_clean": 0.985, "target_verified": 0.96,
              "cpu_ibp_recipe_clean": 0.984, "cpu_ibp_recipe_ibp_verified": 0.957,

@@ -13,8 +13,8 @@ constraint (hinge at --kappa-max, weight --cond-weight, vs none). Reported per r
     one restart) at --eps, and CROWN-verified accuracy (certify.bounds.MarginBounder, method crown,
     on the baked module, i.e. what the ONNX export holds) at --crown-eps.
 
-    python benchmarks/prune.py                                   # defaults below, ~1 h on 2 busy cores
-    python benchmarks/prune.py --models mlp --sparsities 0.9 --json out.json
+    python -m benchmarks.prune                                   # defaults below, ~35 min on 2 busy cores
+    python -m benchmarks.prune --models mlp --sparsities 0.9 --json out.json
 
 Writes the JSON document (--json, default benchmarks/results/prune.json) and prints a readable
 table (markdown, stdout).

@@ -91,6 +91,7 @@ def affine_ops_as_convs(module: nn.Module, input_shape: tuple[int, ...]) -> nn.M
         traced.add_submodule(name, _channel_affine(channels, scale, shift))
         with traced.graph.inserting_before(node):
             replacement = traced.graph.call_module(name, (x,))
+        replacement.meta = dict(node.meta)  # same shape: a following op may be rewritten too
         node.replace_all_uses_with(replacement)
         traced.graph.erase_node(node)
         changed += 1

@@ -70,17 +70,6 @@ def gather(shard: Shard, value: Any) -> list[Any] | None:
     return gathered
 
 
-def all_agree(shard: Shard, ok: bool) -> bool:
-    """True on every rank only when `ok` holds on every rank (so that all ranks stop together)."""
-    if shard.world_size == 1:
-        return ok
-    import torch.distributed as dist
-
-    flag = torch.tensor([1 if ok else 0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
-
-
 def finish(shard: Shard) -> None:
     if shard.world_size > 1:
         import torch.distributed as dist

@@ -24,6 +24,7 @@ import torch
 
 from certify import distributed
 from certify.bounds import METHODS, MarginBounder
+from certify.channel_affine import affine_ops_as_convs
 from certify.data import load_dataset
 from certify.errors import UserError
 from certify.files import sha256_file
@@ -223,7 +224,8 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
         raise UserError(f"the data has samples of shape {tuple(dataset.x.shape[1:])}, the model expects "
                         f"{tuple(model.input_shape)}", "certify the model on the data it was trained for")
     torch.manual_seed(seed)
-    module = with_normalization(model.module, spec, tuple(model.input_shape)).to(dev)
+    module = with_normalization(model.module, spec, tuple(model.input_shape))
+    module = affine_ops_as_convs(module, tuple(model.input_shape)).to(dev)
     bounder = MarginBounder(module, tuple(model.input_shape), device=dev)
     options = CascadeOptions(methods=tuple(methods), attack=attack, attack_steps=attack_steps,
                              attack_restarts=attack_restarts, seed=seed)

@@ -19,9 +19,11 @@ import torch
 from torch import nn
 
 from certify.attacks import find_adversarial
-from certify.bounds import METHODS, MarginBounder
+from certify.bounds import METHODS, MarginBounder, margin_matrix
+from certify.compat import lirpa
 
 VERIFIED, FALSIFIED, UNKNOWN = "verified", "falsified", "unknown"
+_LIRPA_METHOD = {"ibp": "IBP", "crown": "backward", "alpha-crown": "CROWN-Optimized"}
 
 
 @dataclass
@@ -115,7 +117,8 @@ def certify_batch(module: nn.Module, bounder: MarginBounder, x: torch.Tensor, la
                 verdict[row], method[row] = FALSIFIED, "pgd"
                 open_[row] = False
         else:
-            lower = bounder.lower_margins(x_lower[rows], x_upper[rows], labels[rows], stage).cpu()
+            c = margin_matrix(labels[rows].to(device), bounder.num_classes)
+            lower = lower_bounds(bounder, x_lower[rows], x_upper[rows], c, stage).cpu()
             # Every method's bound is sound, so the elementwise best of them is too.
             best[rows] = torch.maximum(best[rows], lower)
             proven = best[rows].min(1).values > 0
@@ -131,3 +134,40 @@ def certify_batch(module: nn.Module, bounder: MarginBounder, x: torch.Tensor, la
         out.append(Verdict(indices[i], int(labels[i]), int(predictions[i]), verdict[i], method[i],
                            bound if bound > -float("inf") else None, round(cost[i].item() + overhead, 6)))
     return out
+
+
+def lower_bounds(bounder: MarginBounder, x_lower: torch.Tensor, x_upper: torch.Tensor, c: torch.Tensor,
+                 method: str) -> torch.Tensor:
+    """Sound lower bounds (n, rows) of C y over the boxes, C of shape (n, rows, outputs): the one call
+    into auto_LiRPA of both the dataset cascade (C = the margin matrix) and the VNN-LIB checks.
+
+    CROWN and alpha-CROWN get the IBP bounds of every layer as reference bounds, so each neuron keeps
+    the tighter of its IBP and CROWN bounds. Without them auto_LiRPA 0.3 bounds a neuron by CROWN
+    whenever it is unstable for ANY sample of the batch, which can be looser than the IBP bound
+    that the sample alone would keep: a batched bound came out looser than the one-sample bound
+    (mnistfc 256x2, prop_0_0.03: -0.864 batched vs -0.862 alone). With the reference both match
+    or beat the one-sample CROWN bound.
+    """
+    auto_lirpa = lirpa()
+    bounded = bounder.bounded
+    x_lower = x_lower.to(bounder.device, torch.float32)
+    x_upper = x_upper.to(bounder.device, torch.float32)
+    perturbation = auto_lirpa.PerturbationLpNorm(norm=float("inf"), eps=None, x_L=x_lower, x_U=x_upper)
+    x = auto_lirpa.BoundedTensor((x_lower + x_upper) / 2, perturbation)
+    with torch.no_grad():
+        lower, _ = bounded.compute_bounds(x=(x,), C=c, method="IBP", bound_upper=False)
+        if method == "ibp":
+            return lower.detach()
+        reference = {node.name: (node.lower.detach().clone(), node.upper.detach().clone())
+                     for node in bounded.modules()
+                     if getattr(node, "perturbed", False) and node.name != bounded.final_name
+                     and isinstance(getattr(node, "lower", None), torch.Tensor)
+                     and isinstance(getattr(node, "upper", None), torch.Tensor)}
+    if method == "alpha-crown":
+        lower, _ = bounded.compute_bounds(x=(x,), C=c, method=_LIRPA_METHOD[method], bound_upper=False,
+                                          reference_bounds=reference)
+    else:
+        with torch.no_grad():
+            lower, _ = bounded.compute_bounds(x=(x,), C=c, method=_LIRPA_METHOD[method], bound_upper=False,
+                                              reference_bounds=reference)
+    return lower.detach()

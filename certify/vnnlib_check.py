@@ -34,18 +34,17 @@ import torch
 from torch import nn
 
 from certify.bounds import METHODS, MarginBounder
-from certify.compat import lirpa
+from certify.channel_affine import affine_ops_as_convs
 from certify.errors import UserError
 from certify.files import sha256_file
 from certify.model import CertifiableModel, load_certifiable
 from certify.progress import progress_bar, say
 from certify.spec import InputSpec, with_normalization
-from certify.verdict import CascadeOptions, cascade_stages
+from certify.verdict import CascadeOptions, cascade_stages, lower_bounds
 from certify.vnnlib import VnnlibProperty, find_properties, parse_vnnlib, write_counterexample
 
 SAT, UNSAT, UNKNOWN = "sat", "unsat", "unknown"
 _VERDICT_OF = {UNSAT: "verified", SAT: "falsified", UNKNOWN: "unknown"}
-_LIRPA_METHOD = {"ibp": "IBP", "crown": "backward", "alpha-crown": "CROWN-Optimized"}
 # Stands for +-infinity inside the attack objective (a true inf would give NaN gradients).
 _BIG = 1e30
 
@@ -226,10 +225,11 @@ def _load(onnx: Path, spec: InputSpec, device: torch.device) -> _Loaded:
     import onnxruntime
 
     model = load_certifiable(onnx)
-    module = with_normalization(model.module, spec, tuple(model.input_shape)).to(device)
+    normalized = with_normalization(model.module, spec, tuple(model.input_shape))
+    module = affine_ops_as_convs(normalized, tuple(model.input_shape)).to(device)
     bounder = MarginBounder(module, tuple(model.input_shape), device=device)
     session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-    normalizer = module[0] if module is not model.module else None
+    normalizer = normalized[0] if normalized is not model.module else None
     return _Loaded(model, module, bounder, session, bounder.num_classes, normalizer)
 
 
@@ -282,7 +282,7 @@ def _check_chunk(state: _Loaded, onnx: Path, props: list[VnnlibProperty], option
                     result[i], method[i], found_x[i], found_y[i] = SAT, "pgd", x, y
         else:
             c = region.c[rows].reshape(len(rows), -1, state.outputs).to(dev, torch.float32)
-            lower = spec_lower_bounds(state.bounder, bound_lo[rows], bound_hi[rows], c, stage).cpu().double()
+            lower = lower_bounds(state.bounder, bound_lo[rows], bound_hi[rows], c, stage).cpu().double()
             best[rows] = torch.maximum(best[rows], lower.view(len(rows), region.disjuncts, region.rows))
             certificate = region.certificate(best[rows], rows)
             for k, i in enumerate(rows.tolist()):
@@ -359,42 +359,6 @@ class _Region:
         per_disjunct = torch.where(self.disjunct_valid[rows], per_disjunct,
                                    torch.full_like(per_disjunct, float("inf")))
         return per_disjunct.amin(dim=1)
-
-
-def spec_lower_bounds(bounder: MarginBounder, x_lower: torch.Tensor, x_upper: torch.Tensor, c: torch.Tensor,
-                      method: str) -> torch.Tensor:
-    """Sound lower bounds (n, rows) of C y over the boxes, C of shape (n, rows, outputs).
-
-    CROWN and alpha-CROWN get the IBP bounds of every layer as reference bounds, so each neuron keeps
-    the tighter of its IBP and CROWN bounds. Without them auto_LiRPA 0.3 bounds a neuron by CROWN
-    whenever it is unstable for ANY sample of the batch, which can be looser than the IBP bound
-    that the sample alone would keep: a batched bound came out looser than the one-sample bound
-    (mnistfc 256x2, prop_0_0.03: -0.864 batched vs -0.862 alone). With the reference both match
-    or beat the one-sample CROWN bound.
-    """
-    auto_lirpa = lirpa()
-    bounded = bounder.bounded
-    x_lower = x_lower.to(bounder.device, torch.float32)
-    x_upper = x_upper.to(bounder.device, torch.float32)
-    perturbation = auto_lirpa.PerturbationLpNorm(norm=float("inf"), eps=None, x_L=x_lower, x_U=x_upper)
-    x = auto_lirpa.BoundedTensor((x_lower + x_upper) / 2, perturbation)
-    with torch.no_grad():
-        lower, _ = bounded.compute_bounds(x=(x,), C=c, method="IBP", bound_upper=False)
-        if method == "ibp":
-            return lower.detach()
-        reference = {node.name: (node.lower.detach().clone(), node.upper.detach().clone())
-                     for node in bounded.modules()
-                     if getattr(node, "perturbed", False) and node.name != bounded.final_name
-                     and isinstance(getattr(node, "lower", None), torch.Tensor)
-                     and isinstance(getattr(node, "upper", None), torch.Tensor)}
-    if method == "alpha-crown":
-        lower, _ = bounded.compute_bounds(x=(x,), C=c, method=_LIRPA_METHOD[method], bound_upper=False,
-                                          reference_bounds=reference)
-    else:
-        with torch.no_grad():
-            lower, _ = bounded.compute_bounds(x=(x,), C=c, method=_LIRPA_METHOD[method], bound_upper=False,
-                                              reference_bounds=reference)
-    return lower.detach()
 
 
 def find_in_region(module: nn.Module, lower: torch.Tensor, upper: torch.Tensor, region: _Region, *,

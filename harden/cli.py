@@ -297,9 +297,9 @@ def prune(
     cond_form: str = typer.Option("hinge", "--cond-form", help="hinge (needs --kappa-max) or logdet (the reference's (log(1e-5 + det(G/r)))^2)."),
     tsc_a: float = typer.Option(100.0, "--tsc-a", help="a of the transformed-l1 term rho_a(t) = (a+1) t / (a+t)."),
     tsc_weight: float = typer.Option(0.0, "--tsc-weight", help="lambda_s of the transformed-l1 sparsity term (0: off)."),
-    train: Optional[str] = typer.Option(None, "--train", help="clean, pgd or trades (default: the model's last adversarial fine-tuning, else clean)."),
-    eps: Optional[float] = typer.Option(None, "--eps", help="Radius for pgd/trades, in pixel units (with clean: only the final PGD evaluation)."),
-    norm: str = typer.Option("inf", "--norm", help="Norm of the eps ball: inf or 2."),
+    train: Optional[str] = typer.Option(None, "--train", help="clean, pgd or trades (default: the model's last adversarial fine-tuning, else pgd with --eps, else clean)."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="Radius for pgd/trades, in pixel units (with --train clean: only the final PGD evaluation)."),
+    norm: Optional[str] = typer.Option(None, "--norm", help="Norm of the eps ball: inf or 2 (default: as the objective's source, else inf)."),
     steps: int = typer.Option(10, "--steps", help="PGD/TRADES attack steps."),
     epochs: int = typer.Option(2, "--epochs", help="Passes over the training set (pruning, then fine-tuning under the final mask)."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
@@ -331,16 +331,19 @@ def prune(
         config = PruneConfig(sparsity=sparsity, schedule=schedule, prune_steps=1 if schedule == "oneshot" else prune_steps,
                              scope="per-layer" if per_layer else "global", kappa_max=kappa_max,
                              cond_form=cond_form, cond_weight=cond_weight, tsc_a=tsc_a, tsc_weight=tsc_weight,
-                             train=train or "clean", eps=eps or 0.0, norm=norm, steps=steps, epochs=epochs, lr=lr,
-                             batch_size=batch_size, seed=seed, eval_limit=eval_limit)
-        if train is None and eps is None:
-            config.validate()  # everything but the objective, which may come from the model
+                             train=train or ("pgd" if eps else "clean"), eps=eps or 0.0, norm=norm or "inf",
+                             steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, eval_limit=eval_limit)
+        config.validate()  # before any loading; the objective may still come from the model
         bundle = _load(model, arch, trust_pickle, input_shape)
-        if train is None and eps is None and (previous := objective_from_history(bundle)) is not None:
-            config.train, config.eps, config.norm = previous
+        previous = objective_from_history(bundle) if train is None else None
+        if previous is not None:
+            # Continue the model's adversarial fine-tuning: same objective, eps and norm unless given.
+            config.train = previous[0]
+            config.eps = eps if eps is not None else previous[1]
+            config.norm = norm or previous[2]
             say(f"training objective from the model's fine-tuning: {config.train} eps {config.eps:g} (l{config.norm})",
                 quiet=quiet)
-        config.validate()
+            config.validate()
         dataset = data or bundle.data.get("dataset")
         if dataset is None:
             raise UserError("the model records no dataset", "give --data mnist|fashion-mnist|file.npz|folder")

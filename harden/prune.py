@@ -24,7 +24,9 @@ rank-deficient, so the reshaped kernel is the matrix whose conditioning is meant
           (its gradient is stable even for repeated singular values);
   logdet  (log(1e-5 + det(G / r)))^2, G the r x r Gram matrix of the smaller side, slogdet in
           float64 (the reference's form, which it applies to its final Linear only; r as in the
-          reference, the size of G). It pulls det(G/r) to 1 rather than bounding kappa directly.
+          reference, the size of G). It pulls det(G/r) to 1 rather than bounding kappa directly,
+          and where det(G/r) << 1e-5 (small weights, large r) the 1e-5 dominates and its gradient
+          vanishes: e.g. a 784 -> 32 Linear at PyTorch's default init. Kept as the reference has it.
 
 Live part. A row pruned to all zeros (a unit that no longer reads its input) or an all-zero
 column makes the full matrix singular, kappa = inf whatever the other weights are. Omega is

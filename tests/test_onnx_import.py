@@ -19,7 +19,7 @@ from certify.compat import lirpa
 from certify.errors import UserError
 from certify.onnx_import import SUPPORTED_OPS, check_against_onnxruntime, import_onnx
 
-VNNCOMP = Path("/work/shared/vnncomp")
+VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"  # shared/ lies beside the checkout
 THIRD_PARTY = {
     "mnist-256x2": VNNCOMP / "mnistfc/mnist-net_256x2.onnx",
     "mnist-256x4": VNNCOMP / "mnistfc/mnist-net_256x4.onnx",

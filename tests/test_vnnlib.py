@@ -18,7 +18,7 @@ from certify.vnnlib import (
     write_counterexample,
 )
 
-SHARED = Path("/work/shared/vnncomp")
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"  # shared/ lies beside the checkout
 MNISTFC = SHARED / "mnistfc"
 VERIVITAL = SHARED / "verivital_mnist_conv"
 TINY = SHARED / "vnncomp_test_tiny"
