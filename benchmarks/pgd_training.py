@@ -36,8 +36,9 @@ def pgd_accuracy(module, test, *, eps: float, steps: int, batch_size: int = 500,
     correct = 0
     for start in range(0, len(test), batch_size):
         x, y = test.x[start:start + batch_size], test.y[start:start + batch_size]
+        x_adv = attack(x, y)
         with torch.no_grad():
-            correct += int((module(attack(x, y)).argmax(1) == y).sum())
+            correct += int((module(x_adv).argmax(1) == y).sum())
     return correct / len(test)
 
 

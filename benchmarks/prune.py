@@ -145,7 +145,8 @@ def main() -> None:
     parser.add_argument("--crown-eps", type=float, default=0.02)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cache", type=Path, default=Path("benchmarks/results/cache"))
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "harden" / "benchmark-prune",
+                        help="where the dense base models are kept between runs")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/prune.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,16 @@ from harden.zoo import mlp, small_cnn
 def _zeros(model: nn.Module) -> dict[str, tuple[int, int]]:
     return {name: (int((effective_weight(layer) == 0).sum()), effective_weight(layer).numel())
             for name, layer in prunable_layers(model)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: intra-op threads buy nothing, and on a shared 2-core machine two
+    threads spinning against other jobs made this file ~10x slower (measured). Restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +225,8 @@ def test_pruned_bundle_reloads_with_identical_outputs_cli(tmp_path, small_data):
     run = subprocess.run([sys.executable, "-m", "harden", "prune", str(source), "--sparsity", "0.5", "--train", "pgd",
                           "--eps", "0.1", "--steps", "2", "--epochs", "1", "--limit", "256", "--eval-limit", "100",
                           "--prune-steps", "2", "--kappa-max", "50", "--tsc-weight", "1e-5", "--quiet", "-o", str(out)],
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     assert "sparsity 50.00%" in run.stderr and "pgd-2" in run.stderr
     pruned = load_bundle(out)
