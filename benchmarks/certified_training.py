@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-# Run as a script, Python puts benchmarks/ first on sys.path, where a sibling script may share a
-# package's name (benchmarks/certify.py); import the packages, never a sibling script.
+# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/certify.py shares the
+# certify package's name; import the packages, never a sibling script.
 sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 REFERENCE = {"target_clean": 0.985, "target_verified": 0.96,

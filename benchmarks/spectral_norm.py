@@ -27,6 +27,10 @@ import sys
 import time
 from pathlib import Path
 
+# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/certify.py shares the
+# certify package's name; import the packages, never a sibling script.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import torch
 import torch.nn.functional as F
 from rich.table import Table

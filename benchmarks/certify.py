@@ -11,9 +11,9 @@
 4. ../shared/vnncomp: verdict and time per property next to expected_results.csv's columns
    (VNN-COMP 2021 verdict, alpha-beta-CROWN 2021 answer and time, the auto_LiRPA 0.7.1 margins).
 
-    python benchmarks/certify_cascade.py                              # trains a small CNN (1 epoch) first
-    python benchmarks/certify_cascade.py --model m.onnx --limit 200 --alpha-limit 20 --threads 1
-    python benchmarks/certify_cascade.py --skip-vnncomp --limit 100
+    python benchmarks/certify.py                              # trains a small CNN (1 epoch) first
+    python benchmarks/certify.py --model m.onnx --limit 200 --alpha-limit 20 --threads 1
+    python benchmarks/certify.py --skip-vnncomp --limit 100
 
 Writes --json (default benchmarks/results/certify.json) and prints readable tables (markdown).
 """
@@ -28,6 +28,10 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/certify.py shares the
+# certify package's name; import the packages, never a sibling script.
+sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch
 
