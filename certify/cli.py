@@ -130,6 +130,8 @@ def main_command(
                                attack_steps=attack_steps, attack_restarts=5 if attack_restarts is None else attack_restarts,
                                seed=seed, batch_size=16 if batch_size is None else batch_size, device=device,
                                mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), quiet=quiet)
+        if run is None:  # a rank other than 0 under torchrun: rank 0 reports
+            return None
         folder = cex_dir
         if folder is None and json_out is not None and str(json_out) != "-":
             folder = json_out.parent / f"{json_out.stem}.counterexamples"

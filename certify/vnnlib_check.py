@@ -19,6 +19,9 @@ input, reshaped to its shape); it is not clipped to any range, since it IS the s
 (VNN-COMP boxes come already clipped). The float64 box is rounded outward to float32 for the
 bounds (the certificate covers the whole box) and inward for the attack (every point tried is
 in the box). Properties of one model are checked in batches.
+
+Under torchrun the batches are dealt out to the ranks (batch b of the run to rank b mod N, as in
+certify.distributed); rank 0 gathers the results, writes the report, and the others return None.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from certify import distributed
 from certify.bounds import METHODS, MarginBounder
 from certify.channel_affine import affine_ops_as_convs
 from certify.errors import UserError
@@ -81,6 +85,7 @@ class VnnlibRun:
     batch_size: int = 16
     device: str = "cpu"
     seconds: float = 0.0
+    world_size: int = 1
 
     def summary(self) -> dict:
         counts = {r: sum(1 for p in self.properties if p.result == r) for r in (UNSAT, SAT, UNKNOWN)}
@@ -174,8 +179,9 @@ class _Loaded:
 def check_properties(model: str | Path | None, targets: list[str | Path], *, methods: tuple[str, ...] = METHODS,
                      attack: bool = True, attack_steps: int = 50, attack_restarts: int = 5, seed: int = 0,
                      batch_size: int = 16, device: str | None = None, mean: list[float] | None = None,
-                     std: list[float] | None = None, quiet: bool = False) -> VnnlibRun:
-    """Check every property named by `targets` (see resolve_instances) and return the results in order.
+                     std: list[float] | None = None, quiet: bool = False) -> VnnlibRun | None:
+    """Check every property named by `targets` (see resolve_instances) and return the results in order
+    (None on the ranks other than 0 under torchrun).
 
     Every file is read and every model loaded before any work, so a bad input fails at once.
     """
@@ -189,10 +195,13 @@ def check_properties(model: str | Path | None, targets: list[str | Path], *, met
         raise UserError(f"attack steps {attack_steps} / restarts {attack_restarts} must be >= 1",
                         "give positive numbers (or --no-attack)")
     pairs, skipped = resolve_instances(model, targets)
-    for line in skipped_lines(skipped):
-        say(line)  # shown even with --quiet: the run covers less than the file lists
     dev = torch.device(device) if device not in (None, "auto") else \
         torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shard = distributed.start(dev)
+    dev = distributed.device_for(shard, device)
+    quiet = quiet or not shard.is_main
+    for line in skipped_lines(skipped):
+        say(line, quiet=not shard.is_main)  # shown even with --quiet: the run covers less than the file lists
     spec = InputSpec(mean=mean, std=std)
     properties = {vnnlib: parse_vnnlib(vnnlib) for _, vnnlib in pairs}
     loaded: dict[Path, _Loaded] = {}
@@ -203,22 +212,31 @@ def check_properties(model: str | Path | None, targets: list[str | Path], *, met
     options = CascadeOptions(methods=tuple(methods), attack=attack, attack_steps=attack_steps,
                              attack_restarts=attack_restarts, seed=seed)
 
+    # The batches of the whole run, model by model; the attack seed is a function of the batch alone.
+    batches = []
+    for onnx in loaded:
+        rows = [k for k, (o, _) in enumerate(pairs) if o == onnx]
+        batches += [(onnx, rows[start:start + batch_size], seed + start) for start in range(0, len(rows), batch_size)]
+    mine = [batch for number, batch in enumerate(batches) if shard.owns_batch(number)]
     results: list[PropertyResult | None] = [None] * len(pairs)
     with progress_bar(quiet=quiet) as bar:
-        task = bar.add_task("vnnlib", total=len(pairs), status="")
-        for onnx, state in loaded.items():
-            rows = [k for k, (o, _) in enumerate(pairs) if o == onnx]
-            for chunk_start in range(0, len(rows), batch_size):
-                chunk = rows[chunk_start:chunk_start + batch_size]
-                props = [properties[pairs[k][1]] for k in chunk]
-                for k, result in zip(chunk, _check_chunk(state, onnx, props, options, seed + chunk_start)):
-                    results[k] = result
-                done = [r for r in results if r is not None]
-                bar.update(task, advance=len(chunk),
-                           status=f"unsat {sum(r.result == UNSAT for r in done)}, sat {sum(r.result == SAT for r in done)}")
+        task = bar.add_task("vnnlib", total=sum(len(chunk) for _, chunk, _ in mine), status="")
+        for onnx, chunk, chunk_seed in mine:
+            props = [properties[pairs[k][1]] for k in chunk]
+            for k, result in zip(chunk, _check_chunk(loaded[onnx], onnx, props, options, chunk_seed)):
+                results[k] = result
+            done = [r for r in results if r is not None]
+            bar.update(task, advance=len(chunk),
+                       status=f"unsat {sum(r.result == UNSAT for r in done)}, sat {sum(r.result == SAT for r in done)}")
+    gathered = distributed.gather(shard, results)
+    distributed.finish(shard)
+    if gathered is None:
+        return None
+    results = [next((part[k] for part in gathered if part[k] is not None), None) for k in range(len(pairs))]
     models = {str(onnx): {"sha256": sha256_file(onnx), "input_shape": list(state.model.input_shape),
                           "outputs": state.outputs} for onnx, state in loaded.items()}
-    return VnnlibRun(models, results, skipped, options, spec, batch_size, str(dev), time.perf_counter() - started)
+    return VnnlibRun(models, results, skipped, options, spec, batch_size, str(dev), time.perf_counter() - started,
+                     shard.world_size)
 
 
 def _load(onnx: Path, spec: InputSpec, device: torch.device) -> _Loaded:

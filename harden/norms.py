@@ -333,13 +333,22 @@ def l1_norm(layer: nn.Module, input_hw: tuple[int, int] | None = None) -> float:
 
 
 def condition_number(weight: torch.Tensor) -> float:
-    """sigma_max / sigma_min of the weight matrix (a conv kernel as C_out x C_in*kh*kw), in float64;
-    inf for a rank-deficient matrix."""
+    """sigma_max / sigma_min of the weight matrix (a conv kernel as C_out x C_in*kh*kw), in float64:
+    numpy's np.linalg.cond for a full-rank matrix. inf when the matrix is numerically rank-deficient
+    (sigma_min <= sigma_max * max(m, n) * eps, numpy's matrix_rank rule): for a pruned row of zeros
+    LAPACK returns some 1e-14 or 1e-18 for the zero singular value, and their ratio means nothing."""
     if weight.dim() < 2:
         raise ValueError(f"condition_number needs a matrix or a conv kernel, got shape {tuple(weight.shape)}")
-    values = torch.linalg.svdvals(_float64(weight).reshape(weight.shape[0], -1))
-    smallest = float(values.min())
-    return float("inf") if smallest == 0.0 else float(values.max()) / smallest
+    matrix = _float64(weight.detach().cpu()).reshape(weight.shape[0], -1)
+    values = torch.linalg.svdvals(matrix)
+    if float(values.max()) == 0.0 or float(values.min()) <= rank_tolerance(values, matrix.shape):
+        return float("inf")
+    return float(values.max()) / float(values.min())
+
+
+def rank_tolerance(values: torch.Tensor, shape: tuple[int, ...]) -> float:
+    """Singular values at or below this count as zero (numpy's matrix_rank default)."""
+    return float(values.max()) * max(shape) * torch.finfo(torch.float64).eps
 
 
 def sparsity(weight: torch.Tensor) -> float:

@@ -54,7 +54,7 @@ from certify.data import Dataset
 from certify.errors import UserError
 from certify.progress import progress_bar, say
 from harden.bundle import Bundle
-from harden.norms import effective_weight
+from harden.norms import condition_number, effective_weight, rank_tolerance
 
 SCHEDULES = ("cubic", "oneshot")
 SCOPES = ("global", "per-layer")
@@ -130,20 +130,8 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
-def kappa(weight: torch.Tensor) -> float:
-    """sigma_max / sigma_min of the weight matrix (conv: reshaped), in float64: numpy's
-    np.linalg.cond for a full-rank matrix. inf when the matrix is numerically rank-deficient
-    (sigma_min <= sigma_max * max(m, n) * eps, numpy's matrix_rank rule): for a pruned row of zeros
-    LAPACK returns some 1e-14 or 1e-18 for the zero singular value, and their ratio means nothing."""
-    matrix = weight_matrix(weight.detach().cpu().to(torch.float64))
-    values = torch.linalg.svdvals(matrix)  # the values harden.norms.condition_number divides
-    if float(values.max()) == 0.0 or float(values.min()) <= _rank_tolerance(values, matrix.shape):
-        return float("inf")
-    return float(values.max()) / float(values.min())
-
-
-def _rank_tolerance(values: torch.Tensor, shape: tuple[int, ...]) -> float:
-    return float(values.max()) * max(shape) * torch.finfo(torch.float64).eps
+# kappa of a layer's weight matrix (inf when numerically rank-deficient): one implementation, in norms.
+kappa = condition_number
 
 
 def live_matrix(weight: torch.Tensor) -> torch.Tensor:
@@ -237,7 +225,7 @@ def condition_hinge(weight: torch.Tensor, kappa_max: float) -> torch.Tensor | No
     if matrix.numel() == 0:
         return None
     values = torch.linalg.svdvals(matrix)
-    if float(values.detach().min()) <= _rank_tolerance(values.detach(), matrix.shape):
+    if float(values.detach().min()) <= rank_tolerance(values.detach(), matrix.shape):
         return None
     excess = torch.log(values.max()) - torch.log(values.min()) - math.log(kappa_max)
     return F.relu(excess) ** 2

@@ -121,3 +121,35 @@ def test_alpha_crown_verifies_at_least_the_reference(crown_runs, folder):
         count += sum(1 for o, _ in newly if o == onnx)
         reference = sum(1 for k, r in expected.items() if k[0] == onnx and float(r["lirpa_alphaCROWN_margin"]) > 0)
         assert count >= reference, (onnx, count, reference)
+
+
+def test_two_gloo_ranks_check_the_properties_of_one_process(tmp_path):
+    """`torchrun -m certify --vnnlib`: the batches of properties are dealt out to the ranks and rank 0
+    writes one report (and the counterexample) with the one-process verdicts."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    instances = VNNCOMP / "vnncomp_test_tiny" / "instances.csv"
+    report = tmp_path / "sharded.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "certify",
+                           "--vnnlib", str(instances), "--batch-size", "1", "--seed", "3", "--quiet",
+                           "--json", str(report)], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = json.loads(report.read_text())
+    assert sharded["run"]["world_size"] == 2
+    one = check_properties(None, [instances], batch_size=1, seed=3, quiet=True)
+    assert one.world_size == 1
+    assert [(p["onnx"], p["vnnlib"], p["result"], p["method"]) for p in sharded["properties"]] == \
+        [(p.onnx, p.vnnlib, p.result, p.method) for p in one.properties]
+    assert sharded["summary"]["sat"] == 1 and sharded["summary"]["unsat"] == 4
+    # only rank 0 wrote: the report and the one counterexample, nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded.counterexamples", "sharded.json"]
+    assert len(list((tmp_path / "sharded.counterexamples").iterdir())) == 1
