@@ -10,7 +10,7 @@ import typer
 
 from certify.cli import parse_floats, run_cli
 from certify.errors import UserError
-from certify.progress import console, say
+from certify.progress import say
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Harden PyTorch classifiers: train, convert (spectral norm), export to ONNX.")

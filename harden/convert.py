@@ -24,8 +24,6 @@ def convert(bundle: Bundle, *, spectral_norm: float | None = DEFAULT_BETA, sn_it
 
     noise="wca" first puts the WCA noise layer before the final Linear (harden.wca; its record is
     the "wca" recipe step), so that spectral normalization then also covers its Linear layers."""
-    from harden.recipe import apply_recipe
-
     unknown = [kind for kind in layers if kind not in LAYER_KINDS]
     if unknown:
         raise UserError(f"unknown --layers kind {', '.join(unknown)}", f"use a comma-separated subset of {', '.join(LAYER_KINDS)}")

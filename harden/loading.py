@@ -11,7 +11,6 @@ so the layer rewrites see ordinary nn.Conv2d / nn.Linear everywhere.
 
 from __future__ import annotations
 
-import io
 import pickle
 import struct
 import zipfile

@@ -167,12 +167,3 @@ def test_reflect_padding_is_normalized_exactly(tmp_path, monkeypatch):
     for name, sigma in explicit_norms(bundle.module, (1, 10, 9)).items():
         assert beta * (1 - 1e-3) <= sigma <= beta * (1 + 1e-3), name
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Power iterations are thousands of single-sample ops: one thread is fastest, and it keeps them
-    # from stalling on a busy machine (2 threads spinning on 2 shared cores: ~100x slower per op).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@ end on exactly the same weights, spectral norm survives fine-tuning, the CLI fai
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 
@@ -126,26 +125,13 @@ def test_crown_ibp_training_tightens_the_bounds(base, small_train, small_test):
     assert after < 0.6 * before, (before, after)
 
 
-@contextlib.contextmanager
-def one_thread():
-    # Power iteration on one sample runs about 10x faster on one thread than on two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def operator_norm(layer, input_hw) -> float:
-    with one_thread():
-        return operator_spectral_norm(layer, input_hw, iters=3000, tol=1e-9)[0]
+    return operator_spectral_norm(layer, input_hw, iters=3000, tol=1e-9)[0]
 
 
 def spectrally_normalized(bundle: Bundle, beta: float) -> Bundle:
     bundle = copy.deepcopy(bundle)
-    with one_thread():
-        convert(bundle, spectral_norm=beta)
+    convert(bundle, spectral_norm=beta)
     return bundle
 
 

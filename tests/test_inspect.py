@@ -183,12 +183,3 @@ def test_inspect_errors(tmp_path):
     result = CliRunner().invoke(app, ["inspect", str(tmp_path / "missing.onnx")])
     assert result.exit_code == 2 and "does not exist" in result.output
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Power iterations are thousands of single-sample ops: one thread is fastest, and it keeps them
-    # from stalling on a busy machine (2 threads spinning on 2 shared cores: ~100x slower per op).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -14,15 +14,6 @@ from harden.norms import (NormDecay, condition_number, conv_operator_matrix, l1_
                           operator_spectral_norm, sparsity)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The layers here are tiny: thread hand-offs cost more than the convolutions.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def conv_configs(count: int = 36, seed: int = 0) -> list[tuple[dict, tuple[int, int]]]:
     """Random small conv layers (kwargs, input H x W): non-square kernels, strides, paddings and
     inputs, dilation, groups; small channel counts keep the explicit matrix small."""

@@ -33,16 +33,6 @@ def _zeros(model: nn.Module) -> dict[str, tuple[int, int]]:
             for name, layer in prunable_layers(model)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads buy nothing, and on a shared 2-core machine two
-    threads spinning against other jobs made this file ~10x slower (measured). Restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def small_data(mnist_train, mnist_test):
     return mnist_train.subset(1000), mnist_test.subset(300)

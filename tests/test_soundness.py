@@ -22,17 +22,6 @@ SAMPLES = 8
 RANDOM_POINTS = 10_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests bound and attack small batches of a small CNN, where torch's intra-op threads
-    cost more than they save (PGD on 8 images: 4.6 s with 1 thread, 59 s with 2 on the shared
-    2-core machine). The setting is restored for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def cnn_onnx(trained_small_cnn, tmp_path_factory) -> Path:
     from harden.export import export_onnx

@@ -17,15 +17,6 @@ from harden.spectral import (OperatorSpectralNorm, apply_spectral_norm, bake, fo
 BETA = 1.0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Power iteration on one small sample: thread hand-offs cost more than the convolutions.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def conv_configs(count: int = 36, seed: int = 0) -> list[tuple[dict, tuple[int, int]]]:
     """Random small conv layers (kwargs, input H x W): non-square kernels, strides, paddings and
     inputs, dilation, groups; small channel counts keep the explicit matrix small."""

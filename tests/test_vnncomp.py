@@ -22,17 +22,6 @@ IMAGE_SETS = ("mnistfc", "verivital_mnist_conv")
 pytestmark = pytest.mark.skipif(not VNNCOMP.is_dir(), reason="shared VNN-COMP benchmarks not present")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests bound and attack small batches of a small CNN, where torch's intra-op threads
-    cost more than they save (PGD on 8 images: 4.6 s with 1 thread, 59 s with 2 on the shared
-    2-core machine). The setting is restored for the other test files."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _expected(folder: str) -> dict[tuple[str, str], dict]:
     rows = csv.DictReader((VNNCOMP / folder / "expected_results.csv").open())
     return {(r["onnx"], Path(r["vnnlib"]).name): r for r in rows}

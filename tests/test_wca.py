@@ -284,12 +284,3 @@ def test_cli_convert_with_wca_and_stochastic_export(tmp_path):
     assert result.exit_code == 2 and "unknown --noise" in result.output
     assert not (tmp_path / "model.hard.safetensors").exists()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Power iterations are thousands of single-sample ops: one thread is fastest, and it keeps them
-    # from stalling on a busy machine (2 threads spinning on 2 shared cores: ~100x slower per op).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
