@@ -42,6 +42,30 @@ def _check_output(output: Path, inputs: list[Path]) -> None:
         raise UserError(f"the output {output} would overwrite the input", "choose another -o")
 
 
+def _check_bundle_output(output: Path, inputs: list[Path]) -> None:
+    """A model output: a .safetensors bundle that is none of the inputs."""
+    if output.suffix != ".safetensors":
+        raise UserError(f"harden writes models as .safetensors bundles, not {output.suffix or 'no suffix'}",
+                        f"use -o {output.with_suffix('.safetensors')}")
+    _check_output(output, inputs)
+
+
+def _training_data(bundle, data: str | None, limit: int | None, log):
+    """The train and test splits for fine-tuning or pruning `bundle` (its own dataset unless --data);
+    records the dataset in the bundle's metadata when it has none."""
+    from certify.data import load_dataset
+
+    dataset = data or bundle.data.get("dataset")
+    if dataset is None:
+        raise UserError("the model records no dataset", "give --data mnist|fashion-mnist|file.npz|folder")
+    train_set = load_dataset(dataset, split="train", log=log).subset(limit)
+    test_set = load_dataset(dataset, split="test", log=log)
+    bundle.data.setdefault("dataset", dataset)
+    bundle.data.setdefault("classes", train_set.classes)
+    bundle.data.setdefault("input_range", [0.0, 1.0])
+    return train_set, test_set
+
+
 @app.command()
 def train(
     output: Path = typer.Option(..., "-o", "--output", help="Where to write the model (.safetensors bundle)."),
@@ -63,9 +87,7 @@ def train(
         from harden.bundle import Bundle, save_bundle
         from harden.train import seed_everything, train_clean
 
-        if output.suffix != ".safetensors":
-            raise UserError(f"harden writes models as .safetensors bundles, not {output.suffix or 'no suffix'}",
-                            f"use -o {output.with_suffix('.safetensors')}")
+        _check_bundle_output(output, [])
         if epochs < 1:
             raise UserError(f"--epochs {epochs} is below 1", "give at least one epoch")
         train_set = load_dataset(data, split="train", log=None if quiet else say)
@@ -241,14 +263,10 @@ def finetune(
     """Adversarial (fgm, pgd, trades) or certified (ibp, crown-ibp) fine-tuning; runs unchanged under torchrun."""
 
     def body():
-        from certify.data import load_dataset
         from harden.bundle import save_bundle
         from harden.finetune import FinetuneConfig, default_checkpoint, finetune as run_finetune, main_process
 
-        if output.suffix != ".safetensors":
-            raise UserError(f"harden writes models as .safetensors bundles, not {output.suffix or 'no suffix'}",
-                            f"use -o {output.with_suffix('.safetensors')}")
-        _check_output(output, [model] + ([resume] if resume is not None else []))
+        _check_bundle_output(output, [model] + ([resume] if resume is not None else []))
         if eps is None and train != "clean":
             raise UserError(f"--train {train} needs --eps", "give the radius to train for, e.g. --eps 0.1")
         if limit is not None and limit < 1:
@@ -259,15 +277,7 @@ def finetune(
                                 norm_decay=norm_decay, norm_decay_p=norm_decay_p, eval_limit=eval_limit)
         bundle = _load(model, arch, trust_pickle, input_shape)
         config.validate(tuple(bundle.input_shape), tuple(bundle.data.get("input_range", (0.0, 1.0))))
-        dataset = data or bundle.data.get("dataset")
-        if dataset is None:
-            raise UserError("the model records no dataset", "give --data mnist|fashion-mnist|file.npz|folder")
-        log = say if main_process() and not quiet else None
-        train_set = load_dataset(dataset, split="train", log=log).subset(limit)
-        test_set = load_dataset(dataset, split="test", log=log)
-        bundle.data.setdefault("dataset", dataset)
-        bundle.data.setdefault("classes", train_set.classes)
-        bundle.data.setdefault("input_range", [0.0, 1.0])
+        train_set, test_set = _training_data(bundle, data, limit, say if main_process() and not quiet else None)
         checkpoint = None if checkpoint_dir is not None else default_checkpoint(output)
         record = run_finetune(bundle, train_set, test_set, config, device=device, checkpoint=checkpoint,
                               checkpoint_dir=checkpoint_dir, resume=resume, quiet=quiet)
@@ -318,14 +328,10 @@ def prune(
     (TSCNC), adversarial fine-tuning in the same loop; masks are baked into the weights on export."""
 
     def body():
-        from certify.data import load_dataset
         from harden.bundle import save_bundle
         from harden.prune import PruneConfig, objective_from_history, prune as run_prune
 
-        if output.suffix != ".safetensors":
-            raise UserError(f"harden writes models as .safetensors bundles, not {output.suffix or 'no suffix'}",
-                            f"use -o {output.with_suffix('.safetensors')}")
-        _check_output(output, [model])
+        _check_bundle_output(output, [model])
         if limit is not None and limit < 1:
             raise UserError(f"--limit {limit} is below 1", "give a positive number of training samples")
         config = PruneConfig(sparsity=sparsity, schedule=schedule, prune_steps=1 if schedule == "oneshot" else prune_steps,
@@ -344,15 +350,7 @@ def prune(
             say(f"training objective from the model's fine-tuning: {config.train} eps {config.eps:g} (l{config.norm})",
                 quiet=quiet)
             config.validate()
-        dataset = data or bundle.data.get("dataset")
-        if dataset is None:
-            raise UserError("the model records no dataset", "give --data mnist|fashion-mnist|file.npz|folder")
-        log = None if quiet else say
-        train_set = load_dataset(dataset, split="train", log=log).subset(limit)
-        test_set = load_dataset(dataset, split="test", log=log)
-        bundle.data.setdefault("dataset", dataset)
-        bundle.data.setdefault("classes", train_set.classes)
-        bundle.data.setdefault("input_range", [0.0, 1.0])
+        train_set, test_set = _training_data(bundle, data, limit, None if quiet else say)
         record = run_prune(bundle, train_set, test_set, config, device=device, quiet=quiet)
         save_bundle(bundle, output)
         final = record["final"]
