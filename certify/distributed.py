@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from certify.errors import UserError
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -47,6 +49,21 @@ def start(device: torch.device) -> Shard:
         backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
         dist.init_process_group(backend=backend)
     return Shard(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def device_kind(device: str | None) -> str:
+    """'cpu' or 'cuda' for --device (auto: cuda where present); a UserError for anything else."""
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {device!r}", "use cpu, cuda, cuda:N or auto") from None
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device} is not supported", "use cpu, cuda, cuda:N or auto")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available here", "use --device cpu (or auto)")
+    return kind
 
 
 def device_for(shard: Shard, requested: str | None) -> torch.device:

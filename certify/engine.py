@@ -134,21 +134,6 @@ def graph_normalization(path: str | Path) -> list[str]:
     return ops
 
 
-def _device_kind(device: str | None) -> str:
-    """'cpu' or 'cuda' for --device (auto: cuda where present); a UserError for anything else."""
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise UserError(f"unknown --device {device!r}", "use cpu, cuda, cuda:N or auto") from None
-    if kind not in ("cpu", "cuda"):
-        raise UserError(f"--device {device} is not supported", "use cpu, cuda, cuda:N or auto")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here", "use --device cpu (or auto)")
-    return kind
-
-
 def bisection_order(values: list[float]) -> list[int]:
     """Indices of sorted `values` middle first, then the middles of the halves, level by level."""
     order, queue = [], [(0, len(values) - 1)]
@@ -209,8 +194,7 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
     eps_values = sorted(set(float(e) for e in eps_values))
     _check_options(eps_values, spec, methods, limit, batch_size, radius, radius_tol, radius_max,
                    attack_steps, attack_restarts)
-    dev_kind = _device_kind(device)
-    shard = distributed.start(torch.device(dev_kind))
+    shard = distributed.start(torch.device(distributed.device_kind(device)))
     dev = distributed.device_for(shard, device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

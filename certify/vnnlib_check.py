@@ -195,9 +195,7 @@ def check_properties(model: str | Path | None, targets: list[str | Path], *, met
         raise UserError(f"attack steps {attack_steps} / restarts {attack_restarts} must be >= 1",
                         "give positive numbers (or --no-attack)")
     pairs, skipped = resolve_instances(model, targets)
-    dev = torch.device(device) if device not in (None, "auto") else \
-        torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    shard = distributed.start(dev)
+    shard = distributed.start(torch.device(distributed.device_kind(device)))
     dev = distributed.device_for(shard, device)
     quiet = quiet or not shard.is_main
     for line in skipped_lines(skipped):

@@ -142,3 +142,10 @@ def test_two_gloo_ranks_check_the_properties_of_one_process(tmp_path):
     # only rank 0 wrote: the report and the one counterexample, nothing else
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sharded.counterexamples", "sharded.json"]
     assert len(list((tmp_path / "sharded.counterexamples").iterdir())) == 1
+
+
+def test_bad_device_is_a_user_error():
+    from certify.errors import UserError
+
+    with pytest.raises(UserError, match="--device"):
+        check_properties(None, [VNNCOMP / "vnncomp_test_tiny" / "instances.csv"], device="tpu", quiet=True)
