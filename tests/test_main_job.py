@@ -46,9 +46,10 @@ def test_main_job_end_to_end(tmp_path):
     assert "torch" in report["tools"] and "auto_LiRPA" in report["tools"]
     small = report["results"][0]
     assert small["samples"] == 20 and len(small["per_sample"]) == 20
-    # a short run on little data: the CNN is still right on most of these images and provably so at eps 0.01
-    assert small["clean_accuracy"] >= 0.7
-    assert small["certified_accuracy"] >= 0.4
+    # after one epoch (and the short fine-tuning and pruning) the CNN is right on most of these images,
+    # and the cascade proves most at eps 0.01 (measured: 0.95 and 0.95)
+    assert small["clean_accuracy"] >= 0.85
+    assert small["certified_accuracy"] >= 0.5
     # a certificate never exceeds what the attack leaves, and robustness only drops with eps
     for r in report["results"]:
         assert r["certified_accuracy"] <= r["attacked_accuracy"] <= r["clean_accuracy"]
