@@ -15,16 +15,48 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Certify the robustness of a classifier: per sample verified, falsified or unknown.")
 
 
+BUG_REPORT = "https://github.com/harden-certify/harden/issues"
+
+
 def run_cli(function, debug: bool) -> None:
-    """Run a command body; user errors become one line and exit code 2 (traceback only with --debug)."""
+    """Run a command body; every failure becomes one line (the traceback only with --debug).
+
+    A UserError (bad input the user can fix) exits with code 2. Anything else is a bug in this
+    tool: one line that names the exception and where to report it, exit code 3.
+    """
     try:
         function()
+    except typer.Exit:
+        raise
     except UserError as error:
         if debug:
             raise
-        # soft_wrap: the message stays ONE line whatever the terminal width (scripts grep it).
-        console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        _error_line(str(error))
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        _error_line("interrupted -- no output was written; run the command again")
+        raise typer.Exit(130)
+    except MemoryError:
+        if debug:
+            raise
+        _error_line("out of memory -- lower --batch-size or --limit, or use a machine with more memory")
+        raise typer.Exit(2)
+    except Exception as error:  # noqa: BLE001 -- the last line of defence against tracebacks
+        if debug:
+            raise
+        first = str(error).splitlines()[0][:300] if str(error) else ""
+        _error_line(f"internal error ({type(error).__name__}{': ' + first if first else ''}) -- this is a bug; "
+                    f"please report it at {BUG_REPORT} with the output of the same command run with --debug")
+        raise typer.Exit(3)
+
+
+def _error_line(message: str) -> None:
+    # soft_wrap: the message stays ONE line whatever the terminal width (scripts grep it).
+    from rich.markup import escape
+
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def parse_floats(text: Optional[str], option: str) -> Optional[list[float]]:

@@ -66,7 +66,7 @@ def _looks_like_onnx(path: Path) -> bool:
     return len(model.graph.node) > 0
 
 
-def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False,
+def load_model(path: str | Path, *, arch: str | None = None, trust_pickle: bool = False, trust_code: bool = False,
                input_shape: tuple[int, ...] | None = None, num_classes: int | None = None) -> Bundle:
     """Load `path` (any accepted format) and check that it is a usable classifier."""
     path = Path(path)
