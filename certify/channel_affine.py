@@ -10,6 +10,7 @@ bounds like any other convolution. Remove this once auto_LiRPA handles such ops 
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -43,11 +44,31 @@ def _per_channel(value: torch.Tensor, channels: int) -> torch.Tensor | None:
     return None
 
 
+def with_linear_biases(module: nn.Module) -> nn.Module:
+    """`module` (a copy, if anything changes) with a zero bias in every bias-free nn.Linear.
+
+    auto_LiRPA 0.3 traces a Linear without bias as a bare MatMul, and its MatMul IBP cannot take
+    the specification matrix C: bounding a model that ends in such a layer raised a TypeError.
+    A zero bias computes the same function and is traced as a Linear (Gemm), which it bounds.
+    """
+    names = [name for name, layer in module.named_modules() if isinstance(layer, nn.Linear) and layer.bias is None]
+    if not names:
+        return module
+    module = copy.deepcopy(module)
+    for name in names:
+        layer = module.get_submodule(name)
+        layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device),
+                                  requires_grad=False)
+    return module
+
+
 def affine_ops_as_convs(module: nn.Module, input_shape: tuple[int, ...]) -> nn.Module:
-    """`module` with every x (+, -, *, /) constant on a 4-D image tensor made a depthwise 1x1 conv.
+    """`module` with every x (+, -, *, /) constant on a 4-D image tensor made a depthwise 1x1 conv
+    (and every bias-free Linear given a zero bias, see with_linear_biases): what auto_LiRPA bounds.
 
     Returns the module unchanged when it has no such op, or when it cannot be traced.
     """
+    module = with_linear_biases(module)
     if len(input_shape) != 3:
         return module
     try:

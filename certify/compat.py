@@ -15,6 +15,7 @@ import functools
 import importlib.metadata
 import sys
 import types
+import warnings
 
 from packaging.version import Version
 
@@ -136,7 +137,19 @@ def lirpa():
         _patch_numpy_arraysetops()
         _patch_torch_onnx_helpers()
         _patch_torch_node_getitem()
-    import auto_LiRPA
+    with warnings.catch_warnings():
+        # auto_LiRPA scripts a helper with torch.jit.script at import; torch 2.9+ warns that it is
+        # deprecated, on stderr, in every run. A filter does not hold: auto_LiRPA calls
+        # warnings.simplefilter("once") while it is imported, so the warning is dropped where it
+        # is shown (catch_warnings puts back both the filters and showwarning afterwards).
+        show = warnings.showwarning
+
+        def _quiet(message, category, *args, **kwargs):
+            if not (issubclass(category, DeprecationWarning) and "torch.jit.script" in str(message)):
+                show(message, category, *args, **kwargs)
+
+        warnings.showwarning = _quiet
+        import auto_LiRPA
 
     if old_release:
         _patch_named_members(auto_LiRPA)

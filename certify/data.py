@@ -28,6 +28,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -51,6 +52,9 @@ class Dataset:
     y: torch.Tensor  # int64, (N,)
     classes: list[str]  # class names, index = label
     source: str  # where the data came from, for logs and reports
+    # False when the class list was only inferred from the largest label (an .npz without names):
+    # the data may then have fewer classes than the model it is certified on.
+    classes_known: bool = True
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -77,16 +81,22 @@ def load_dataset(spec: str, split: str = "test", *, log: Callable[[str], None] |
     """
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}", f"use one of: {', '.join(SPLITS)}")
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("no dataset given (an empty name)", f"use one of {', '.join(KNOWN_DATASETS)}, or {_ACCEPTED}")
     # A name wins over a same-named folder in the working directory; "./mnist" reaches the folder.
     if spec.lower() in _IDX_DATASETS:
         dataset = _load_idx_dataset(_IDX_DATASETS[spec.lower()], split)
     else:
         path = Path(spec).expanduser()
-        if path.is_dir():
+        try:
+            is_dir, is_file, exists = path.is_dir(), path.is_file(), path.exists()
+        except (OSError, ValueError) as error:  # a name too long, a NUL byte
+            raise UserError(f"cannot use --data {spec!r} ({error})", f"give {_ACCEPTED}") from None
+        if is_dir:
             dataset = _load_image_folder(path, spec)
-        elif path.is_file() and path.suffix.lower() == ".npz":
+        elif is_file and path.suffix.lower() == ".npz":
             dataset = _load_npz(path, spec)
-        elif path.exists():
+        elif exists:
             raise UserError(f"cannot read data from {spec}: not a .npz file or a folder", f"give {_ACCEPTED}")
         else:
             raise UserError(
@@ -385,22 +395,62 @@ def _read_idx(path: Path, sha256: str, fix_hint: str, shape: tuple[int, ...] | N
 # The user's own data
 
 
+# Labels are class indices; a label this large is a damaged file, not a class (the class list is
+# built from the largest label).
+_MAX_CLASSES = 100_000
+
+
+def _check_npz_members(archive, path: Path) -> None:
+    """Refuse members whose header announces more data than the member holds, before numpy
+    allocates the announced size (a damaged header can announce terabytes)."""
+    zip_file = getattr(archive, "zip", None)
+    if zip_file is None:
+        return
+    for info in zip_file.infolist():
+        if info.filename not in ("x.npy", "y.npy", "classes.npy"):
+            continue
+        with zip_file.open(info) as member:
+            version = np.lib.format.read_magic(member)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+            else:
+                continue  # numpy reads (and checks) the other versions itself
+        if dtype.hasobject:
+            raise UserError(f"cannot read {path} as .npz: array {info.filename!r} holds Python objects, which need pickle",
+                            "save numeric arrays (numpy.savez with uint8 or float pixels and integer labels)")
+        if int(np.prod(shape, dtype=object)) * dtype.itemsize > info.file_size:
+            raise UserError(f"cannot read {path} as .npz: array {info.filename!r} announces shape {shape} of {dtype}, more than "
+                            f"its {info.file_size} bytes", "the file is damaged; write it again with numpy.savez")
+
+
 def _load_npz(path: Path, name: str) -> Dataset:
     """Arrays `x` (uint8 0..255 or float in [0, 1]; (N,H,W), (N,H,W,C) or (N,C,H,W)) and `y` (N,)
     of integer labels; an optional string array `classes` names the labels."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise UserError(f"{path} is a single .npy array, not an .npz archive",
+                            "save images as x and labels as y, e.g. numpy.savez(path, x=images, y=labels)")
+        with archive:
             missing = [key for key in ("x", "y") if key not in archive.files]
             if missing:
                 raise UserError(
                     f"{path} has no array {' or '.join(repr(m) for m in missing)} (it holds {archive.files})",
                     "save images as x and labels as y, e.g. numpy.savez(path, x=images, y=labels)",
                 )
+            _check_npz_members(archive, path)
             x, y = archive["x"], archive["y"]
             names = archive["classes"] if "classes" in archive.files else None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
+    except UserError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError, KeyError,
+            RuntimeError) as error:
         # ValueError also covers object arrays, which would need pickle: never load those.
-        raise UserError(f"cannot read {path} as .npz: {error}", "write it with numpy.savez from numeric arrays") from error
+        # NotImplementedError: a zip compression numpy cannot read; RuntimeError: an encrypted member.
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise UserError(f"cannot read {path} as .npz: {reason}", "write it with numpy.savez from numeric arrays") from None
 
     if x.ndim not in (3, 4):
         raise UserError(f"{path}: x has shape {x.shape}", "x must be (N, H, W), (N, H, W, C) or (N, C, H, W)")
@@ -410,6 +460,8 @@ def _load_npz(path: Path, name: str) -> Dataset:
         raise UserError(f"{path}: x holds {len(x)} images but y holds {len(y)} labels", "give one label per image")
     if len(y) == 0:
         raise UserError(f"{path} holds no samples", "save at least one image and label")
+    if 0 in x.shape:
+        raise UserError(f"{path}: x has shape {x.shape}, images without pixels", "save images of at least 1x1 pixel")
     if x.ndim == 3:
         x = x[:, None]
     elif x.shape[3] < x.shape[1]:  # channels last: (N, 28, 28, 1), (N, 32, 32, 3)
@@ -428,7 +480,7 @@ def _load_npz(path: Path, name: str) -> Dataset:
                 f"{path}: label {int(labels.max())} has no name among the {len(classes)} classes",
                 "give one name per class in `classes`",
             )
-    return Dataset(name, x_float, torch.from_numpy(labels), classes, f"file {path}")
+    return Dataset(name, x_float, torch.from_numpy(labels), classes, f"file {path}", classes_known=names is not None)
 
 
 def _pixels_to_unit_float(x: np.ndarray, what: str) -> torch.Tensor:
@@ -457,6 +509,9 @@ def _integer_labels(y: np.ndarray, what: str) -> np.ndarray:
         raise UserError(f"{what} holds non-integer labels (dtype {y.dtype})", "labels must be class indices 0, 1, 2, ...")
     if y.min() < 0:
         raise UserError(f"{what} holds a negative label ({y.min()})", "labels must be class indices 0, 1, 2, ...")
+    if y.max() >= _MAX_CLASSES:
+        raise UserError(f"{what} holds label {y.max()}, more than {_MAX_CLASSES:,} classes",
+                        "labels must be class indices 0, 1, 2, ... (the file may be damaged)")
     return y.astype(np.int64)
 
 
@@ -486,8 +541,10 @@ def _load_image_folder(root: Path, name: str) -> Dataset:
             with Image.open(file) as image:
                 image.load()
                 images.append(image.copy())
-        except (OSError, UnidentifiedImageError) as error:
-            raise UserError(f"cannot read image {file}: {error}", "remove or replace the file") from error
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            # SyntaxError: how some Pillow plugins report a damaged header.
+            reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+            raise UserError(f"cannot read image {file}: {reason}", "remove or replace the file") from None
     first_file, first_size = samples[0][0], images[0].size
     for (file, _), image in zip(samples, images):
         if image.size != first_size:
@@ -498,7 +555,11 @@ def _load_image_folder(root: Path, name: str) -> Dataset:
             )
     # One channel only when every image is grayscale; otherwise all become RGB.
     gray = all(image.mode in ("1", "L", "LA") for image in images)
-    pixels = np.stack([np.asarray(image.convert("L" if gray else "RGB")) for image in images])
+    try:
+        pixels = np.stack([np.asarray(image.convert("L" if gray else "RGB")) for image in images])
+    except (OSError, ValueError) as error:  # a mode Pillow cannot convert
+        raise UserError(f"cannot convert the images of {root} to {'grayscale' if gray else 'RGB'}: {error}",
+                        "save the images as 8-bit grayscale or RGB PNG/JPEG") from None
     x = pixels[:, None] if gray else pixels.transpose(0, 3, 1, 2)
     y = torch.tensor([label for _, label in samples], dtype=torch.int64)
     x_float = _pixels_to_unit_float(np.ascontiguousarray(x), str(root))

@@ -10,6 +10,7 @@ the other ranks write nothing. gloo on CPU, NCCL when the run is on CUDA.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,19 +52,45 @@ def start(device: torch.device) -> Shard:
     return Shard(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
+_DEVICE = re.compile(r"^(?P<kind>cpu|cuda)(?::(?P<index>\d+))?$")
+DEVICE_HINT = "use cpu, cuda, cuda:N or auto"
+
+
 def device_kind(device: str | None) -> str:
-    """'cpu' or 'cuda' for --device (auto: cuda where present); a UserError for anything else."""
+    """'cpu' or 'cuda' for --device (auto: cuda where present); a UserError for anything else.
+
+    The one check of --device for both command lines: only cpu, cuda, cuda:N (N an existing GPU)
+    and auto are accepted; names torch does not know (gpu, tpu, ''), other backends (mps, xpu) and
+    malformed indices (cuda:x) are refused before any work starts."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, ValueError):
-        raise UserError(f"unknown --device {device!r}", "use cpu, cuda, cuda:N or auto") from None
-    if kind not in ("cpu", "cuda"):
-        raise UserError(f"--device {device} is not supported", "use cpu, cuda, cuda:N or auto")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available here", "use --device cpu (or auto)")
+    match = _DEVICE.match(device) if isinstance(device, str) else None
+    if match is None:
+        try:
+            other = torch.device(device).type if isinstance(device, str) and device else None
+        except (RuntimeError, ValueError):
+            other = None
+        if other is not None:
+            raise UserError(f"--device {device} is not supported", DEVICE_HINT)
+        raise UserError(f"unknown --device {device!r}", DEVICE_HINT)
+    kind = match["kind"]
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available here", "use --device cpu (or auto)")
+        count = torch.cuda.device_count()
+        if match["index"] is not None and int(match["index"]) >= count:
+            raise UserError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0"
+                            f"{f'..cuda:{count - 1}' if count > 1 else ''})",
+                            "give an existing GPU index, cuda (the first one) or auto")
+    elif match["index"] not in (None, "0"):
+        raise UserError(f"unknown --device {device!r}", DEVICE_HINT)
     return kind
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The torch.device of --device after `device_kind`'s check (auto: cuda where present)."""
+    kind = device_kind(device)
+    return torch.device(kind if device in (None, "auto") else device)
 
 
 def device_for(shard: Shard, requested: str | None) -> torch.device:

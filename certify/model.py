@@ -18,10 +18,13 @@ class CertifiableModel:
     input_shape: tuple[int, ...]
     metadata: dict[str, str]
     path: Path
+    outputs: int = 0  # values per sample the model returns (logits, or the outputs Y_j of VNN-LIB)
 
 
 def load_certifiable(path: str | Path) -> CertifiableModel:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"model {path} is a folder", "give the .onnx file")
     if not path.is_file():
         raise UserError(f"model file {path} does not exist", "check the path")
     if path.suffix.lower() != ".onnx":
@@ -33,4 +36,7 @@ def load_certifiable(path: str | Path) -> CertifiableModel:
     generator = torch.Generator().manual_seed(0)
     probe = torch.rand(8, *imported.input_shape, generator=generator)
     check_against_onnxruntime(path, imported.module, probe)
-    return CertifiableModel(imported.module.eval(), tuple(imported.input_shape), dict(imported.metadata), path)
+    with torch.no_grad():
+        outputs = int(imported.module.eval()(probe[:1]).shape[1])
+    return CertifiableModel(imported.module.eval(), tuple(imported.input_shape), dict(imported.metadata), path,
+                            outputs)

@@ -13,6 +13,7 @@ from certify.errors import UserError
 from certify.files import atomic_path
 
 _FORMATS = ("png", "pdf", "svg")
+PLOT_SUFFIXES = tuple("." + f for f in _FORMATS)
 
 
 def check_plot_path(path: str | Path) -> None:
@@ -22,12 +23,20 @@ def check_plot_path(path: str | Path) -> None:
 
 
 def plot_run(run: CertifyRun, path: str | Path) -> None:
+    check_plot_path(path)
+    with atomic_path(path) as tmp:
+        draw_plot(run, tmp, Path(path).suffix.lower().lstrip("."))
+
+
+def draw_plot(run: CertifyRun, target: str | Path, fmt: str) -> None:
+    """Draw the figure of `run` into `target` (a file, written directly) in format png/pdf/svg."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on servers and CI
     import matplotlib.pyplot as plt
 
-    check_plot_path(path)
+    if fmt not in _FORMATS:
+        raise UserError(f"cannot write a plot as {fmt!r}", f"give a file ending in {', '.join(PLOT_SUFFIXES)}")
     panels = (1 if run.results else 0) + (1 if run.radius is not None else 0)
     if panels == 0:
         raise UserError("nothing to plot", "give --eps or --radius")
@@ -58,6 +67,7 @@ def plot_run(run: CertifyRun, path: str | Path) -> None:
         ax.set_title(f"certified radii (tolerance {summary['tolerance']:g})")
         ax.legend()
     figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format=Path(path).suffix.lower().lstrip("."), dpi=120)
-    plt.close(figure)
+    try:
+        figure.savefig(target, format=fmt, dpi=120)
+    finally:
+        plt.close(figure)

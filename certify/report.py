@@ -74,14 +74,20 @@ def vnnlib_document(run: VnnlibRun) -> dict:
         "run": {"world_size": run.world_size, "batch_size": run.batch_size, "device": run.device,
                 "seconds": round(run.seconds, 3)},
         "summary": run.summary(),
-        "properties": [{**p.to_json(), "vnnlib_sha256": sha256_file(p.vnnlib)} for p in run.properties],
+        "properties": [{**p.to_json(), "vnnlib_sha256": p.vnnlib_sha256 or sha256_file(p.vnnlib)}
+                       for p in run.properties],
         "skipped": run.skipped,
     }
 
 
 def write_json(document: dict, path: str | Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(document, indent=1))
+    """Write the report whole or not at all (a temporary file renamed into place)."""
+    try:
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(document, indent=1))
+    except OSError as error:
+        raise UserError(f"cannot write {path} ({error.strerror or error})",
+                        "choose a writable folder with free space") from None
 
 
 def summary_table(run: CertifyRun) -> Table:

@@ -7,13 +7,13 @@ the box in pixel space is mapped exactly (auto_LiRPA bounds through the affine m
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
 
-from certify.errors import UserError
+from certify.errors import UserError, load_untrusted_json
 
 
 @dataclass
@@ -25,11 +25,11 @@ class InputSpec:
     classes: list[str] = field(default_factory=list)
     dataset: str | None = None
 
-    def check_eps(self, eps: float) -> None:
+    def check_eps(self, eps: float, option: str = "eps") -> None:
         low, high = self.input_range
         if not (eps > 0 and eps <= high - low) or eps != eps:
-            raise UserError(f"eps {eps} is out of range",
-                            f"give 0 < eps <= {high - low:g} (the width of the input range, in pixel units)")
+            raise UserError(f"{option} {eps} is out of range",
+                            f"give 0 < {option.lstrip('-')} <= {high - low:g} (the width of the input range, in pixel units)")
 
     def box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The l-infinity ball of radius eps around x, clipped to the valid input range."""
@@ -53,18 +53,85 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+def check_normalization(mean: list[float] | None, std: list[float] | None,
+                        input_shape: tuple[int, ...] | None = None, *, source: str = "--mean/--std") -> None:
+    """Finite means, finite positive stds, and one value or one per input channel (when the
+    per-sample input shape is known); a UserError naming `source` otherwise."""
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        label = f"--{name}" if source == "--mean/--std" else f"{source} {name}"
+        if len(values) == 0:
+            raise UserError(f"{label} gives no values", "give one value, or one per channel")
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"{label} {_numbers(values)} is not a finite number", "give finite numbers, e.g. 0.1307")
+        if name == "std" and any(v <= 0 for v in values):
+            raise UserError(f"{label} {_numbers(values)} has a value <= 0", "give positive standard deviations")
+    if input_shape is not None:
+        channels = input_shape[0] if len(input_shape) >= 3 else 1
+        for name, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) not in (1, channels):
+                label = f"--{name}" if source == "--mean/--std" else f"{source} {name}"
+                raise UserError(f"{label} gives {len(values)} values for a model with {channels} input channel(s) "
+                                f"(input shape {list(input_shape)})", "give one value, or one per channel")
+
+
+def _numbers(values: list[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
 def with_normalization(module: nn.Module, spec: InputSpec, input_shape: tuple[int, ...]) -> nn.Module:
     if spec.mean is None and spec.std is None:
         return module
+    check_normalization(spec.mean, spec.std, input_shape)
     mean = spec.mean if spec.mean is not None else [0.0]
     std = spec.std if spec.std is not None else [1.0]
-    if any(s <= 0 for s in std):
-        raise UserError(f"--std {std} has a value <= 0", "give positive standard deviations")
-    channels = input_shape[0] if len(input_shape) >= 3 else 1
-    if len(mean) not in (1, channels) or len(std) not in (1, channels):
-        raise UserError(f"--mean/--std give {len(mean)}/{len(std)} values for {channels} input channels",
-                        "give one value, or one per channel")
     return nn.Sequential(Normalize(mean, std, len(input_shape) + 1), module).eval()
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def parse_harden_data(raw: str, what: str = "the metadata 'harden.data'") -> dict:
+    """The `harden.data` metadata (JSON written by `harden export`), checked field by field.
+
+    Returns the decoded object; raises UserError naming the first field that is damaged. Fields:
+    input_range [low, high] (finite, low < high), mean / std (null or finite numbers, std > 0),
+    classes (strings), dataset (null or a name), input_shape (positive integers). Others are kept.
+    """
+    hint = "re-export the model with harden export, or remove the 'harden.data' metadata and pass --data"
+    if not isinstance(raw, str):
+        raise UserError(f"{what} is not text", hint)
+    data = load_untrusted_json(raw, what, hint)
+    if not isinstance(data, dict):
+        raise UserError(f"{what} is not a JSON object", hint)
+    if "input_range" in data:
+        value = data["input_range"]
+        if not (isinstance(value, list) and len(value) == 2 and all(_real(v) for v in value) and value[0] < value[1]):
+            raise UserError(f"{what} has input_range {str(value)[:80]}, not [low, high] with low < high", hint)
+    for name in ("mean", "std"):
+        value = data.get(name)
+        if value is None:
+            continue
+        if _real(value):
+            value = data[name] = [value]
+        if not (isinstance(value, list) and value and all(_real(v) for v in value)) \
+                or (name == "std" and any(v <= 0 for v in value)):
+            rule = "positive finite numbers" if name == "std" else "finite numbers"
+            raise UserError(f"{what} has {name} {str(value)[:80]}, not a list of {rule}", hint)
+    if "classes" in data:
+        value = data["classes"]
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise UserError(f"{what} has classes {str(value)[:80]}, not a list of names", hint)
+    if data.get("dataset") is not None and not (isinstance(data["dataset"], str) and data["dataset"]):
+        raise UserError(f"{what} has dataset {str(data['dataset'])[:80]}, not a name", hint)
+    if data.get("input_shape") is not None:
+        value = data["input_shape"]
+        if not (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                          for v in value)):
+            raise UserError(f"{what} has input_shape {str(value)[:80]}, not a list of positive sizes", hint)
+    return data
 
 
 def spec_from_metadata(metadata: dict[str, str]) -> InputSpec | None:
@@ -72,6 +139,7 @@ def spec_from_metadata(metadata: dict[str, str]) -> InputSpec | None:
     raw = metadata.get("harden.data")
     if not raw:
         return None
-    data = json.loads(raw)
-    return InputSpec(input_range=tuple(data.get("input_range", (0.0, 1.0))), mean=data.get("mean"),
-                     std=data.get("std"), classes=list(data.get("classes", [])), dataset=data.get("dataset"))
+    data = parse_harden_data(raw)
+    return InputSpec(input_range=tuple(float(v) for v in data.get("input_range", (0.0, 1.0))),
+                     mean=data.get("mean"), std=data.get("std"), classes=list(data.get("classes", [])),
+                     dataset=data.get("dataset"))

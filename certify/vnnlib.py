@@ -18,7 +18,9 @@ Every parse error is a `UserError` that names the file and line.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from itertools import product
@@ -50,6 +52,15 @@ _TERM_OPS = ("+", "-", "*")
 _IGNORED_COMMANDS = ("set-logic", "set-info", "set-option", "check-sat", "get-model", "exit")
 # Products of several `or` asserts grow multiplicatively; past this the file is not a box property.
 _MAX_DISJUNCTS = 10_000
+# The counterexample region is checked as a dense (disjuncts x rows) specification matrix: bound
+# its size (disjuncts times the rows of the longest one) BEFORE expanding the formula, so that an
+# `and` of `or`s cannot build hundreds of MB of rows before it is refused.
+_MAX_EXPANDED_ROWS = 100_000
+# VNN-COMP properties nest 4 to 5 levels; the reader refuses more than this, so that the formula
+# walk (recursive) can never exhaust Python's stack.
+_MAX_DEPTH = 100
+# X_i / Y_j indices: far more than any network has inputs (and short enough for int()).
+_MAX_INDEX_DIGITS = 9
 
 
 class OutputConstraint(NamedTuple):
@@ -87,6 +98,7 @@ class VnnlibProperty:
     n_outputs: int
     unsafe: list[OutputConstraint] = field(default_factory=list)
     label: int | None = None
+    sha256: str | None = None  # of the file's bytes as parsed (parse_vnnlib)
 
     @property
     def n_inputs(self) -> int:
@@ -161,6 +173,9 @@ def _read_forms(text: str, path: Path) -> _List:
         if token == _NEWLINE:
             line += 1
         elif token == "(":
+            if len(stack) > _MAX_DEPTH:
+                raise _fail(path, line, f"expressions nested more than {_MAX_DEPTH} levels deep",
+                            "write the property with flat (and ...) / (or ...) lists")
             opened = _List(line)
             current.items.append(opened)
             stack.append(opened)
@@ -221,10 +236,10 @@ class _Parser:
             raise self.fail(line, f"{op!r} without arguments", f"expected ({op} <term> ...)")
         parts = [self.term(a, a_line) for a, a_line in args]
         if op == "+":
-            return _combine(parts, [1.0] * len(parts))
+            return self.finite(_combine(parts, [1.0] * len(parts)), line)
         if op == "-":
             signs = [-1.0] if len(parts) == 1 else [1.0] + [-1.0] * (len(parts) - 1)
-            return _combine(parts, signs)
+            return self.finite(_combine(parts, signs), line)
         # '*': the expression stays linear only if at most one factor has variables.
         coefs: dict[_Key, float] = {}
         const = 1.0
@@ -237,7 +252,21 @@ class _Parser:
             else:
                 coefs = {k: v * part_const for k, v in coefs.items()}
             const *= part_const
-        return coefs, const
+        return self.finite((coefs, const), line)
+
+    def finite(self, term: _Linear, line: int) -> _Linear:
+        coefs, const = term
+        if not (math.isfinite(const) and all(math.isfinite(v) for v in coefs.values())):
+            raise self.fail(line, "a coefficient or constant overflows to infinity",
+                            "scale the constraint so that its numbers stay below about 1e308")
+        return term
+
+    def row(self, left: _Linear, right: _Linear, line: int) -> _Row:
+        row = _row(left, right, line)
+        if not (math.isfinite(row.const) and all(math.isfinite(v) for v in row.coefs.values())):
+            raise self.fail(line, "a coefficient or constant overflows to infinity",
+                            "scale the constraint so that its numbers stay below about 1e308")
+        return row
 
     def atom(self, text: str, line: int) -> _Linear:
         found = self.variable_terms.get(text)
@@ -251,7 +280,7 @@ class _Parser:
         if _LOOKS_NUMERIC.match(text):
             raise self.fail(line, f"bad number {text!r}", "expected a decimal number such as 0.5, -1, 2.5e-3")
         if _VARIABLE.match(text):
-            raise self.fail(line, f"{text} is used but not declared", f"add (declare-const {text} Real) before it")
+            raise self.fail(line, f"{text[:40]} is used but not declared", f"add (declare-const {text[:40]} Real) before it")
         raise self.fail(line, f"unknown name {text!r}", "expected a number or a declared X_i / Y_i")
 
     # -- formulas, to disjunctive normal form: a list of conjunctions (lists of rows)
@@ -265,18 +294,21 @@ class _Parser:
             # The common (<= a b) / (>= a b), without the general chain below.
             left = self.term(expr.items[1], expr.line_of(1))
             right = self.term(expr.items[2], expr.line_of(2))
-            return [[_row(left, right, line) if op in ("<=", "<") else _row(right, left, line)]]
+            return [[self.row(left, right, line) if op in ("<=", "<") else self.row(right, left, line)]]
         args = expr.args()
         if op in ("and", "or"):
             if not args:
                 raise self.fail(line, f"({op}) without arguments", f"expected ({op} <constraint> ...)")
             children = [self.formula(a, a_line) for a, a_line in args]
             if op == "or":
-                return [conj for child in children for conj in child]
+                dnf = [conj for child in children for conj in child]
+                self.check_expansion(len(dnf), max((len(conj) for conj in dnf), default=0), line, "'or'")
+                return dnf
+            # Count the expansion before building it: the product of the cases, each as long as
+            # the longest case of every child together.
             size = math.prod(len(c) for c in children)
-            if size > _MAX_DISJUNCTS:
-                raise self.fail(line, f"'and' of 'or's expands to {size} cases",
-                                f"at most {_MAX_DISJUNCTS} are supported; simplify the property")
+            longest = sum(max((len(conj) for conj in child), default=0) for child in children)
+            self.check_expansion(size, longest, line, "'and' of 'or's")
             return [[row for conj in combo for row in conj] for combo in product(*children)]
         if op in _COMPARISONS:
             if len(args) < 2:
@@ -285,12 +317,21 @@ class _Parser:
             rows = []
             for left, right in zip(terms, terms[1:]):
                 if op in ("<=", "<", "="):
-                    rows.append(_row(left, right, line))  # left - right <= 0
+                    rows.append(self.row(left, right, line))  # left - right <= 0
                 if op in (">=", ">", "="):
-                    rows.append(_row(right, left, line))
+                    rows.append(self.row(right, left, line))
             return [rows]
         raise self.fail(line, f"unknown operator {op or '(...)'!r}",
                         "expected one of and, or, <=, >=, <, >, = (negation is not supported)")
+
+    def check_expansion(self, cases: int, longest: int, line: int, what: str) -> None:
+        if cases > _MAX_DISJUNCTS:
+            raise self.fail(line, f"{what} {'expand' if what.endswith(',') else 'expands'} to {cases:,} cases",
+                            f"at most {_MAX_DISJUNCTS:,} are supported; simplify the property")
+        if cases * longest > _MAX_EXPANDED_ROWS:
+            raise self.fail(line, f"{what} {'expand' if what.endswith(',') else 'expands'} to {cases:,} cases of up to {longest:,} constraints "
+                                  f"({cases * longest:,} in all)",
+                            f"at most {_MAX_EXPANDED_ROWS:,} are supported; simplify the property")
 
     # -- top level
 
@@ -325,7 +366,7 @@ class _Parser:
         for row in plain_rows:
             kind = self.classify(row)
             if kind == "input":
-                bounds.add(row)
+                bounds.add(row, self)
             elif kind == "output":
                 base_outputs.append(row)
             elif kind == "false":
@@ -344,7 +385,7 @@ class _Parser:
                 if shared_inputs is None:
                     shared_inputs = signature
                     for r in inputs:
-                        bounds.add(r)
+                        bounds.add(r, self)
                 elif signature != shared_inputs:
                     raise self.fail(line, "the branches of this 'or' constrain the inputs differently",
                                     "only one input box is supported: write one .vnnlib file per box")
@@ -361,10 +402,9 @@ class _Parser:
         unsafe: list[OutputConstraint] = []
         if not empty_region:
             count = math.prod(len(live) for live in branches)
-            if count > _MAX_DISJUNCTS:
-                line = disjunctions[-1][0]
-                raise self.fail(line, f"the 'or' asserts expand to {count} cases",
-                                f"at most {_MAX_DISJUNCTS} are supported; merge them into one 'or'")
+            longest = len(base_outputs) + sum(max((len(rows) for rows in live), default=0) for live in branches)
+            line = disjunctions[-1][0] if disjunctions else 1
+            self.check_expansion(count, max(longest, 1), line, "the 'or' asserts, taken together,")
             for combo in product(*branches):
                 rows = base_outputs + [r for rs in combo for r in rs]
                 unsafe.append(_to_constraint(rows, n_outputs))
@@ -377,11 +417,11 @@ class _Parser:
             raise self.fail(form.line, "malformed declaration", "expected (declare-const X_<i> Real)")
         name, sort = items[1], items[2]
         match = _VARIABLE.match(name)
-        if match is None:
-            raise self.fail(form.line, f"cannot declare {name!r}",
+        if match is None or len(match.group(2)) > _MAX_INDEX_DIGITS:
+            raise self.fail(form.line, f"cannot declare {name[:40]!r}",
                             "only inputs X_<i> and outputs Y_<j> can be declared")
         if sort != "Real":
-            raise self.fail(form.line, f"{name} has sort {sort!r}", f"expected (declare-const {name} Real)")
+            raise self.fail(form.line, f"{name} has sort {sort[:40]!r}", f"expected (declare-const {name} Real)")
         if name in self.declared:
             raise self.fail(form.line, f"{name} is declared twice",
                             f"remove this line (first declared on line {self.declared[name][1]})")
@@ -459,8 +499,11 @@ class _Bounds:
         self.lower_line = [0] * n
         self.upper_line = [0] * n
 
-    def add(self, row: _Row) -> None:
+    def add(self, row: _Row, parser: "_Parser") -> None:
         index, is_upper, value = _bound_signature(row)
+        if not math.isfinite(value):
+            raise parser.fail(row.line, f"the bound on X_{index} overflows to infinity",
+                              "give finite bounds (divide the constraint through by its coefficient)")
         if is_upper:
             if value < self.upper[index]:
                 self.upper[index], self.upper_line[index] = value, row.line
@@ -521,21 +564,42 @@ def _detect_label(unsafe: list[OutputConstraint], n_outputs: int) -> int | None:
 # ----------------------------------------------------------------------------- public functions
 
 
-def _read_text(path: Path, what: str) -> str:
+def _read_bytes(path: Path, what: str) -> bytes:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{what} not found: {path}", "check the path") from None
     except IsADirectoryError:
         raise UserError(f"{what} is a folder: {path}", "give a file") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not a text file", f"expected a {what} (UTF-8 text)") from None
+    except (OSError, ValueError) as error:  # permissions, a name too long, a NUL byte in the name
+        raise UserError(f"cannot read {what} {path} ({getattr(error, 'strerror', None) or error})",
+                        "check the path") from None
+
+
+def _decode(raw: bytes, path: Path, what: str) -> str:
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark some editors write is not part of the text
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise UserError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x})",
+                        f"expected a {what} (UTF-8 text)") from None
+
+
+def _read_text(path: Path, what: str) -> str:
+    return _decode(_read_bytes(path, what), path, what)
 
 
 def parse_vnnlib(path: str | Path) -> VnnlibProperty:
-    """Read one .vnnlib file into an input box and an output counterexample region."""
+    """Read one .vnnlib file into an input box and an output counterexample region.
+
+    Every problem of the file is a UserError naming the file and line; the file is read once, and
+    its sha256 (of the bytes parsed) is kept for the report.
+    """
     path = Path(path)
-    return _Parser(path).parse(_read_text(path, "VNN-LIB file"))
+    raw = _read_bytes(path, "VNN-LIB file")
+    prop = _Parser(path).parse(_decode(raw, path, "VNN-LIB file"))
+    prop.sha256 = hashlib.sha256(raw).hexdigest()
+    return prop
 
 
 def _natural_key(text: str) -> list:
@@ -554,7 +618,11 @@ def find_properties(target: str | Path, *, skip_missing: bool = False) -> list[t
     `skip_missing=True`.
     """
     target = Path(target)
-    if not target.exists():
+    try:
+        exists = target.exists()
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {target} ({error})", "give a .vnnlib file, a folder of them, or an instances.csv") from None
+    if not exists:
         raise UserError(f"not found: {target}", "give a .vnnlib file, a folder of them, or an instances.csv")
     if target.is_dir():
         found = sorted(target.rglob("*.vnnlib"), key=lambda p: _natural_key(p.relative_to(target).as_posix()))
@@ -568,20 +636,57 @@ def find_properties(target: str | Path, *, skip_missing: bool = False) -> list[t
     raise UserError(f"cannot read properties from {target}", "give a .vnnlib file, a folder of them, or an instances.csv")
 
 
+# The tail lookup of a csv path (see find_properties) walks the csv's folder once; a csv dropped
+# into a huge tree (a home folder) must not walk it all.
+_MAX_INDEXED_FILES = 200_000
+
+
 def _read_instances(csv_path: Path, skip_missing: bool) -> list[tuple[Path | None, Path]]:
+    return read_instances(csv_path, skip_missing=skip_missing)[0]
+
+
+def read_instances(csv_path: str | Path, *, skip_missing: bool = False
+                   ) -> tuple[list[tuple[Path | None, Path]], list[tuple[int, str, str]]]:
+    """The (onnx or None, vnnlib) pairs of a VNN-COMP instances.csv, and the rows left out because a
+    file is missing, as (line, onnx cell, vnnlib cell) (only with `skip_missing`; else an error).
+
+    Rows are `onnx,vnnlib[,timeout]`, paths relative to the csv's folder. A path must stay inside
+    that folder: absolute paths and `..` that climbs out of it are refused (VNN-COMP benchmarks
+    name their files relative to the benchmark folder; a csv must not make certify read files
+    elsewhere). Symbolic links inside the folder are followed: the folder is the user's. The
+    timeout, when given, must be a positive number of seconds (it is read, not enforced).
+    """
+    csv_path = Path(csv_path)
     folder = csv_path.parent
     index: dict[str, list[Path]] | None = None  # file name -> files under the folder, built on first need
 
+    def build_index() -> dict[str, list[Path]]:
+        found: dict[str, list[Path]] = {}
+        try:
+            for count, p in enumerate(folder.rglob("*")):
+                if count >= _MAX_INDEXED_FILES:
+                    break
+                found.setdefault(p.name, []).append(p)
+        except OSError:
+            pass  # an unreadable subfolder: look up what was found so far
+        return found
+
     def locate(cell: str, line: int, role: str) -> Path | None:
         nonlocal index
+        if "\0" in cell:
+            raise _fail(csv_path, line, f"{role} path holds a NUL character", "fix the row")
         relative = Path(cell)
+        if relative.is_absolute() or cell.startswith("~"):
+            raise _fail(csv_path, line, f"{role} {cell!r} is an absolute path",
+                        f"write it relative to the csv's folder {folder}")
+        if os.path.normpath(cell).split(os.sep)[0] == "..":
+            raise _fail(csv_path, line, f"{role} {cell!r} lies outside the csv's folder {folder}",
+                        "keep the benchmark's files under the folder of its instances.csv")
         direct = folder / relative
         if direct.is_file():
             return direct
         if index is None:
-            index = {}
-            for p in folder.rglob("*"):
-                index.setdefault(p.name, []).append(p)
+            index = build_index()
         wanted = tuple(part for part in relative.parts if part not in (".", ""))
         matches = [p for p in index.get(relative.name, []) if p.is_file() and p.parts[-len(wanted):] == wanted]
         if len(matches) == 1:
@@ -595,25 +700,43 @@ def _read_instances(csv_path: Path, skip_missing: bool) -> list[tuple[Path | Non
                     "fix the path, or pass skip_missing=True to run only the rows whose files exist")
 
     text = _read_text(csv_path, "instances csv")
+    if "\0" in text:
+        raise _fail(csv_path, text.count("\n", 0, text.index("\0")) + 1, "NUL character", "expected a text file")
     pairs: list[tuple[Path | None, Path]] = []
+    missing: list[tuple[int, str, str]] = []
     reader = csv.reader(text.splitlines())
-    for cells in reader:
-        line = reader.line_num
-        cells = [c.strip() for c in cells]
-        if not any(cells) or cells[0].startswith("#"):
-            continue
-        if len(cells) < 2 or not cells[1]:
-            raise _fail(csv_path, line, "expected 'onnx,vnnlib[,timeout]'", "give both paths on every row")
-        if cells[0].lower() == "onnx" and cells[1].lower() == "vnnlib":
-            continue  # header
-        onnx = locate(cells[0], line, "onnx file") if cells[0] else None
-        vnnlib = locate(cells[1], line, "vnnlib file")
-        if vnnlib is None or (cells[0] and onnx is None):
-            continue  # only reached with skip_missing
-        pairs.append((onnx, vnnlib))
+    try:
+        for cells in reader:
+            line = reader.line_num
+            cells = [c.strip() for c in cells]
+            while cells and not cells[-1]:
+                cells.pop()  # trailing empty cells ("a,b,60,")
+            if not cells or cells[0].startswith("#"):
+                continue
+            if len(cells) < 2 or not cells[1] or len(cells) > 3:
+                raise _fail(csv_path, line, f"expected 'onnx,vnnlib[,timeout]', found {len(cells)} column(s)",
+                            "give both paths (and optionally the timeout) on every row")
+            if cells[0].lower() == "onnx" and cells[1].lower() == "vnnlib":
+                continue  # header
+            if len(cells) == 3:
+                try:
+                    timeout = float(cells[2])
+                except ValueError:
+                    timeout = float("nan")
+                if not (math.isfinite(timeout) and timeout > 0):
+                    raise _fail(csv_path, line, f"timeout {cells[2][:40]!r} is not a positive number of seconds",
+                                "write the timeout in seconds, e.g. 120")
+            onnx = locate(cells[0], line, "onnx file") if cells[0] else None
+            vnnlib = locate(cells[1], line, "vnnlib file")
+            if vnnlib is None or (cells[0] and onnx is None):
+                missing.append((line, cells[0], cells[1]))  # only reached with skip_missing
+                continue
+            pairs.append((onnx, vnnlib))
+    except csv.Error as error:
+        raise _fail(csv_path, reader.line_num, f"not a readable csv ({error})", "expected rows onnx,vnnlib,timeout") from None
     if not pairs:
         raise UserError(f"no usable rows in {csv_path}", "expected rows 'onnx,vnnlib,timeout' naming existing files")
-    return pairs
+    return pairs, missing
 
 
 def write_counterexample(path: str | Path, x: torch.Tensor, y: torch.Tensor) -> None:

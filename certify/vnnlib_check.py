@@ -26,11 +26,11 @@ certify.distributed); rank 0 gathers the results, writes the report, and the oth
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,14 +43,15 @@ from certify.errors import UserError
 from certify.files import sha256_file
 from certify.model import CertifiableModel, load_certifiable
 from certify.progress import progress_bar, say
-from certify.spec import InputSpec, with_normalization
+from certify.spec import InputSpec, check_normalization, with_normalization
 from certify.verdict import CascadeOptions, cascade_stages, lower_bounds
-from certify.vnnlib import VnnlibProperty, find_properties, parse_vnnlib, write_counterexample
+from certify.vnnlib import VnnlibProperty, find_properties, parse_vnnlib, read_instances, write_counterexample
 
 SAT, UNSAT, UNKNOWN = "sat", "unsat", "unknown"
 _VERDICT_OF = {UNSAT: "verified", SAT: "falsified", UNKNOWN: "unknown"}
 # Stands for +-infinity inside the attack objective (a true inf would give NaN gradients).
 _BIG = 1e30
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class PropertyResult:
     bound: float | None         # min_k max_r lower(C_kr y) - d_kr over the box; > 0 proves unsat
     seconds: float
     counterexample: str | None = None  # where the counterexample was written (sat only)
+    vnnlib_sha256: str | None = None  # of the property file as it was parsed
     x: torch.Tensor | None = field(default=None, repr=False)  # the counterexample, kept until written
     y: torch.Tensor | None = field(default=None, repr=False)
 
@@ -116,18 +118,21 @@ def resolve_instances(model: str | Path | None, targets: list[str | Path]) -> tu
     if model is not None and not model.is_file():
         raise UserError(f"model file {model} does not exist", "check the path")
     pairs: list[tuple[Path, Path]] = []
-    skipped: list[str] = []
+    skipped: list[dict] = []
     for target in targets:
         target = Path(target)
-        found = find_properties(target, skip_missing=True)
-        if target.suffix.lower() == ".csv":
-            skipped += _missing_rows(target, found)
+        if target.suffix.lower() == ".csv" and target.is_file():
+            found, missing = read_instances(target, skip_missing=True)
+            skipped += [{"instances": str(target), "onnx": Path(o).name, "vnnlib": Path(v).name,
+                         "reason": "file missing"} for _, o, v in missing]
+        else:
+            found = find_properties(target, skip_missing=True)
         for onnx, vnnlib in found:
             if onnx is None:
                 if model is None:
                     raise UserError(f"{vnnlib} names no model", "give the ONNX model: certify MODEL --vnnlib ...")
                 pairs.append((model, vnnlib))
-            elif model is None or os.path.samefile(onnx, model):
+            elif model is None or _same_file(onnx, model):
                 pairs.append((onnx, vnnlib))
             else:
                 skipped.append({"instances": str(target), "onnx": onnx.name, "vnnlib": vnnlib.name,
@@ -138,19 +143,11 @@ def resolve_instances(model: str | Path | None, targets: list[str | Path]) -> tu
     return pairs, skipped
 
 
-def _missing_rows(csv_path: Path, found: list) -> list[dict]:
-    rows = []
-    for cells in csv.reader(csv_path.read_text(encoding="utf-8").splitlines()):
-        cells = [c.strip() for c in cells]
-        if len(cells) < 2 or not any(cells) or cells[0].startswith("#") or \
-                (cells[0].lower(), cells[1].lower()) == ("onnx", "vnnlib"):
-            continue
-        rows.append(cells)
-    if len(rows) == len(found):
-        return []
-    present = {(o.name if o else "", v.name) for o, v in found}
-    return [{"instances": str(csv_path), "onnx": Path(c[0]).name, "vnnlib": Path(c[1]).name, "reason": "file missing"}
-            for c in rows if (Path(c[0]).name, Path(c[1]).name) not in present]
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def skipped_lines(skipped: list[dict]) -> list[str]:
@@ -179,34 +176,35 @@ class _Loaded:
 def check_properties(model: str | Path | None, targets: list[str | Path], *, methods: tuple[str, ...] = METHODS,
                      attack: bool = True, attack_steps: int = 50, attack_restarts: int = 5, seed: int = 0,
                      batch_size: int = 16, device: str | None = None, mean: list[float] | None = None,
-                     std: list[float] | None = None, quiet: bool = False) -> VnnlibRun | None:
+                     std: list[float] | None = None, quiet: bool = False,
+                     check_outputs: Callable[[list[tuple[Path, Path]]], None] | None = None) -> VnnlibRun | None:
     """Check every property named by `targets` (see resolve_instances) and return the results in order
     (None on the ranks other than 0 under torchrun).
 
     Every file is read and every model loaded before any work, so a bad input fails at once.
+    `check_outputs`, if given, sees the (onnx, vnnlib) pairs before any of them is parsed (the
+    command line refuses there an output path that is one of these inputs).
     """
     started = time.perf_counter()
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise UserError(f"unknown --method {', '.join(unknown) or '(none)'}", f"use one of {', '.join(METHODS)}")
-    if batch_size <= 0:
-        raise UserError(f"--batch-size {batch_size} is not positive", "give e.g. --batch-size 16")
-    if attack_steps < 1 or attack_restarts < 1:
-        raise UserError(f"attack steps {attack_steps} / restarts {attack_restarts} must be >= 1",
-                        "give positive numbers (or --no-attack)")
+    check_vnnlib_options(methods=methods, batch_size=batch_size, attack_steps=attack_steps,
+                         attack_restarts=attack_restarts, seed=seed, mean=mean, std=std, device=device)
     pairs, skipped = resolve_instances(model, targets)
+    if check_outputs is not None:
+        check_outputs(pairs)
+    properties = {vnnlib: parse_vnnlib(vnnlib) for _, vnnlib in pairs}
+    spec = InputSpec(mean=mean, std=std)
+    models: dict[Path, CertifiableModel] = {}
+    for onnx, vnnlib in pairs:
+        if onnx not in models:
+            models[onnx] = load_certifiable(onnx)
+            check_normalization(mean, std, tuple(models[onnx].input_shape))
+        _check_fits(properties[vnnlib], models[onnx])
     shard = distributed.start(torch.device(distributed.device_kind(device)))
     dev = distributed.device_for(shard, device)
     quiet = quiet or not shard.is_main
     for line in skipped_lines(skipped):
         say(line, quiet=not shard.is_main)  # shown even with --quiet: the run covers less than the file lists
-    spec = InputSpec(mean=mean, std=std)
-    properties = {vnnlib: parse_vnnlib(vnnlib) for _, vnnlib in pairs}
-    loaded: dict[Path, _Loaded] = {}
-    for onnx, vnnlib in pairs:
-        if onnx not in loaded:
-            loaded[onnx] = _load(onnx, spec, dev)
-        _check_fits(properties[vnnlib], loaded[onnx])
+    loaded = {onnx: _load(onnx, model, spec, dev) for onnx, model in models.items()}
     options = CascadeOptions(methods=tuple(methods), attack=attack, attack_steps=attack_steps,
                              attack_restarts=attack_restarts, seed=seed)
 
@@ -237,26 +235,46 @@ def check_properties(model: str | Path | None, targets: list[str | Path], *, met
                      shard.world_size)
 
 
-def _load(onnx: Path, spec: InputSpec, device: torch.device) -> _Loaded:
-    import onnxruntime
+def check_vnnlib_options(*, methods=METHODS, batch_size: int = 16, attack_steps: int = 50, attack_restarts: int = 5,
+                         seed: int = 0, mean: list[float] | None = None, std: list[float] | None = None,
+                         device: str | None = None) -> None:
+    """The checks of a VNN-LIB run that need no file: a UserError on the first bad option."""
+    from certify.engine import check_attack_options
 
-    model = load_certifiable(onnx)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"unknown --method {', '.join(unknown) or '(none)'}", f"use one of {', '.join(METHODS)}")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size {batch_size} is not positive", "give e.g. --batch-size 16")
+    check_attack_options(attack_steps, attack_restarts, seed)
+    check_normalization(mean, std)
+    distributed.device_kind(device)
+
+
+def _load(onnx: Path, model: CertifiableModel, spec: InputSpec, device: torch.device) -> _Loaded:
+    from certify.onnx_import import onnxruntime_session
+
     normalized = with_normalization(model.module, spec, tuple(model.input_shape))
     module = affine_ops_as_convs(normalized, tuple(model.input_shape)).to(device)
     bounder = MarginBounder(module, tuple(model.input_shape), device=device)
-    session = onnxruntime.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(onnx)
     normalizer = normalized[0] if normalized is not model.module else None
     return _Loaded(model, module, bounder, session, bounder.num_classes, normalizer)
 
 
-def _check_fits(prop: VnnlibProperty, state: _Loaded) -> None:
-    inputs = int(np.prod(state.model.input_shape))
+def _check_fits(prop: VnnlibProperty, model: CertifiableModel) -> None:
+    inputs = int(np.prod(model.input_shape))
     if prop.n_inputs != inputs:
-        raise UserError(f"{prop.path} declares {prop.n_inputs} inputs X_i, but {state.model.path.name} takes "
-                        f"{inputs} (shape {list(state.model.input_shape)})", "give the properties of this model")
-    if prop.n_outputs != state.outputs:
-        raise UserError(f"{prop.path} declares {prop.n_outputs} outputs Y_j, but {state.model.path.name} has "
-                        f"{state.outputs}", "give the properties of this model")
+        raise UserError(f"{prop.path} declares {prop.n_inputs} inputs X_i, but {model.path.name} takes "
+                        f"{inputs} (shape {list(model.input_shape)})", "give the properties of this model")
+    if prop.n_outputs != model.outputs:
+        raise UserError(f"{prop.path} declares {prop.n_outputs} outputs Y_j, but {model.path.name} has "
+                        f"{model.outputs}", "give the properties of this model")
+    # The model computes in float32: a box beyond its range cannot be bounded or attacked.
+    largest = float(torch.maximum(prop.lower.abs(), prop.upper.abs()).max()) if prop.n_inputs else 0.0
+    if largest > _FLOAT32_MAX:
+        raise UserError(f"{prop.path}: an input bound of {largest:g} does not fit in float32, the model's input type",
+                        "give bounds within +-3.4e38")
 
 
 def _check_chunk(state: _Loaded, onnx: Path, props: list[VnnlibProperty], options: CascadeOptions,
@@ -294,7 +312,7 @@ def _check_chunk(state: _Loaded, onnx: Path, props: list[VnnlibProperty], option
                 inside = bool(((x.double() >= lower64[i]) & (x.double() <= upper64[i])).all())
                 y = _onnxruntime_outputs(state, x.unsqueeze(0))[0]
                 # Only the ONNX file's own output decides: the imported module could differ in the last bits.
-                if inside and props[i].is_counterexample(y):
+                if inside and bool(torch.isfinite(y).all()) and props[i].is_counterexample(y):
                     result[i], method[i], found_x[i], found_y[i] = SAT, "pgd", x, y
         else:
             c = region.c[rows].reshape(len(rows), -1, state.outputs).to(dev, torch.float32)
@@ -311,7 +329,7 @@ def _check_chunk(state: _Loaded, onnx: Path, props: list[VnnlibProperty], option
         value = certificates[i].item()
         bounded = result[i] != SAT and value > -float("inf")
         out.append(PropertyResult(str(onnx), str(prop.path), result[i], method[i], value if bounded else None,
-                                  round(float(cost[i]), 6), x=found_x[i], y=found_y[i]))
+                                  round(float(cost[i]), 6), x=found_x[i], y=found_y[i], vnnlib_sha256=prop.sha256))
     return out
 
 
@@ -451,9 +469,19 @@ def _onnxruntime_outputs(state: _Loaded, x: torch.Tensor) -> torch.Tensor:
             with torch.no_grad():
                 value = normalize(value.to(normalize.mean.device)).cpu()
         value = value.float().numpy()
-        feed = value[0] if len(declared.shape) == value.ndim - 1 else value
-        outputs.append(np.asarray(state.session.run(None, {declared.name: feed})[0], dtype=np.float64).reshape(-1))
+        if len(declared.shape) == value.ndim - 1:
+            out = state.session.run(None, {declared.name: value[0]})[0]
+        else:
+            batch = declared.shape[0] if isinstance(declared.shape[0], int) and declared.shape[0] > 1 else 1
+            # A fixed batch > 1 takes full batches: repeat the sample and keep the first output.
+            out = np.asarray(state.session.run(None, {declared.name: np.repeat(value, batch, axis=0)})[0])
+            out = out[:1] if batch > 1 else out
+        outputs.append(np.asarray(out, dtype=np.float64).reshape(-1))
     return torch.from_numpy(np.stack(outputs))
+
+
+def counterexample_name(onnx: str | Path, vnnlib: str | Path) -> str:
+    return f"{Path(onnx).stem}__{Path(vnnlib).stem}.counterexample"
 
 
 def write_counterexamples(run: VnnlibRun, folder: str | Path) -> int:
@@ -462,7 +490,7 @@ def write_counterexamples(run: VnnlibRun, folder: str | Path) -> int:
     written = 0
     for p in run.properties:
         if p.result == SAT and p.x is not None:
-            path = folder / f"{Path(p.onnx).stem}__{Path(p.vnnlib).stem}.counterexample"
+            path = folder / counterexample_name(p.onnx, p.vnnlib)
             write_counterexample(path, p.x, p.y)
             p.counterexample = str(path)
             written += 1

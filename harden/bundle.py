@@ -11,23 +11,34 @@ safetensors metadata (string -> string), JSON documents:
   harden.source   the file this model came from: path, sha256, format
   harden.history  one record per training / pruning run
 Loading rebuilds the plain module, re-applies the recipe (which creates the parametrization
-buffers) and then loads the state dict, so nothing is ever unpickled.
+buffers) and then loads the state dict, so nothing is ever unpickled. A bundle may come from
+anyone, so every record is checked for the structure the loader relies on before it is used
+(`parse_bundle_metadata`), sizes are bounded by what the file can hold, and a "factory"
+architecture, which is the user's code, is imported only when the user names it (--arch) or
+passes trust_code: never on the file's word alone.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
+import errno
+import hashlib
 import json
+import math
+import os
+import re
+import stat
+import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from certify.errors import UserError
+from certify.errors import UserError, load_untrusted_json
 from certify.files import atomic_path, sha256_file
 
 FORMAT_VERSION = "1"
@@ -53,8 +64,19 @@ def encode_graph(onnx_bytes: bytes) -> str:
     return base64.b64encode(zlib.compress(onnx_bytes, 9)).decode("ascii")
 
 
-def decode_graph(text: str) -> bytes:
-    return zlib.decompress(base64.b64decode(text))
+def decode_graph(text: str, *, max_bytes: int = 1 << 31) -> bytes:
+    """The ONNX bytes of a harden.arch graph; UserError when they are damaged or would unpack to
+    more than `max_bytes` (a few compressed bytes can ask for gigabytes)."""
+    try:
+        packed = base64.b64decode(text.encode("ascii"), validate=True)
+        unpacker = zlib.decompressobj()
+        graph = unpacker.decompress(packed, max_bytes)
+        if unpacker.unconsumed_tail or not unpacker.eof:
+            raise ValueError("the graph is truncated or larger than the file can hold")
+    except (ValueError, UnicodeEncodeError, binascii.Error, zlib.error) as exc:
+        raise UserError(f"the ONNX graph recorded in the file's harden.arch is damaged ({exc})",
+                        "re-create the file") from None
+    return graph
 
 
 def save_bundle(bundle: Bundle, path: str | Path) -> Path:
@@ -87,56 +109,318 @@ def _untie_shared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
+# Bounds on what a file may ask us to build, so that a crafted shape cannot allocate terabytes.
+MAX_INPUT_ELEMENTS = 1 << 24  # one sample: 16M values (64 MB as float32), e.g. 3 x 2048 x 2048
+MAX_INPUT_RANK = 6
+MAX_CLASSES = 1_000_000
+_MAX_HEADER = 100 * 1024 * 1024  # what the safetensors library itself accepts
+_MAX_DEPTH = 64
+_DAMAGED_HINT = "re-create the file"
+_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_factory_ref(text: str) -> bool:
+    """`package.module:function`, nothing else (no paths, no spaces)."""
+    return bool(_REF.fullmatch(text))
+
+
+def read_model_bytes(path: str | Path) -> bytes:
+    """The whole model file, read once: every check and every parse then works on these bytes."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise UserError(f"model file {path} does not exist", "check the path") from None
+        if exc.errno == errno.ELOOP:
+            raise UserError(f"model file {path} is a symbolic link that loops", "give the real file") from None
+        raise UserError(f"model file {path} cannot be read ({exc.strerror})", "check the path and its permissions") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise UserError(f"model file {path} is a folder", "give the model file itself")
+    if not stat.S_ISREG(info.st_mode):
+        raise UserError(f"model file {path} is not a regular file", "give a model file")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise UserError(f"model file {path} cannot be read ({exc.strerror or exc})",
+                        "check its permissions") from None
+    if not data:
+        raise UserError(f"model file {path} is empty", "the file was not written completely; re-create it")
+    return data
+
+
+def safetensors_metadata(data: bytes, what: str) -> dict[str, str]:
+    """The `__metadata__` of the safetensors file `data` ({} when it has none)."""
+    def broken(detail: str) -> UserError:
+        return UserError(f"{what} is not a readable safetensors file ({detail})",
+                         "check that the file is complete; re-create it if it was truncated")
+
+    if len(data) < 8:
+        raise broken("shorter than its header")
+    (size,) = struct.unpack("<Q", data[:8])
+    if not 2 <= size <= min(_MAX_HEADER, len(data) - 8):
+        raise broken(f"its header of {size} bytes does not fit in the file")
+    try:
+        header = load_untrusted_json(data[8:8 + size], "its header")
+    except UserError as exc:
+        raise broken(exc.what) from None
+    if not isinstance(header, dict):
+        raise broken("its header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise broken("its metadata is not a map of strings")
+    return metadata
+
+
 def read_metadata(path: str | Path) -> dict[str, str] | None:
     """The harden metadata of a safetensors file, or None when it is a plain safetensors file."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable safetensors file ({exc})",
-                        "check that the file is complete; re-create it if it was truncated") from None
+    metadata = safetensors_metadata(read_model_bytes(path), str(path))
     return metadata if "harden.format" in metadata else None
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Rebuild a bundle written by `save_bundle`."""
-    from harden.recipe import apply_recipe
-    from harden.architecture import build_plain_module
+def load_tensors(data: bytes, what: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
 
+    try:
+        return load(data)
+    except Exception as exc:  # SafetensorError, and whatever a crafted header makes the reader raise
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"{what} is not a readable safetensors file ({first})",
+                        "check that the file is complete; re-create it if it was truncated") from None
+
+
+def load_bundle(path: str | Path, *, arch: str | None = None, trust_code: bool = False) -> Bundle:
+    """Rebuild a bundle written by `save_bundle`.
+
+    A bundle whose architecture is a user factory (`package.module:function`) is rebuilt by
+    importing and calling that function, which runs code: only when the user names the same
+    factory (`arch`) or passes `trust_code`, never on the file's word alone."""
     path = Path(path)
-    metadata = read_metadata(path)
-    if metadata is None:
+    return bundle_from_bytes(read_model_bytes(path), path, arch=arch, trust_code=trust_code)
+
+
+def bundle_from_bytes(data: bytes, path: Path, *, arch: str | None = None, trust_code: bool = False) -> Bundle:
+    from harden.architecture import build_plain_module, resolve_arch
+    from harden.recipe import apply_recipe
+
+    metadata = safetensors_metadata(data, str(path))
+    if "harden.format" not in metadata:
         raise UserError(f"{path} is a safetensors file without harden metadata",
                         "a bare state dict needs --arch package.module:factory (or a built-in name)")
-    if metadata["harden.format"] != FORMAT_VERSION:
-        raise UserError(f"{path} has harden format {metadata['harden.format']}, this tool reads {FORMAT_VERSION}",
-                        "re-create the file with this version of harden")
-    try:
-        arch = json.loads(metadata["harden.arch"])
-        model_info = json.loads(metadata["harden.model"])
-        recipe = json.loads(metadata.get("harden.recipe", "[]"))
-        data = json.loads(metadata.get("harden.data", "{}"))
-        source = json.loads(metadata.get("harden.source", "{}"))
-        history = json.loads(metadata.get("harden.history", "[]"))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise UserError(f"{path} has damaged harden metadata ({exc})", "re-create the file") from None
-    input_shape = tuple(model_info["input_shape"])
-    num_classes = int(model_info["num_classes"])
-    module = build_plain_module(arch, input_shape, num_classes)
-    bundle = Bundle(module, input_shape, num_classes, arch, [], data, source, history)
-    apply_recipe(bundle, recipe)
-    state = load_file(str(path))
+    fields = parse_bundle_metadata(metadata, path, file_size=len(data))
+    record = fields["arch"]
+    if record["kind"] == "factory" and not trust_code:
+        named = resolve_arch(arch) if arch is not None else None
+        if named is None or named.get("ref") != record["ref"]:
+            raise UserError(f"{path} records the architecture factory '{record['ref']}', and loading it would run "
+                            "that code", f"pass --arch {record['ref']} if you trust it (or --trust-code)")
+    state = load_tensors(data, str(path))
     check_finite(state, what=str(path))
+    input_shape, num_classes = fields["input_shape"], fields["num_classes"]
+    module = build_plain_module(record, input_shape, num_classes, max_elements=len(data))
+    bundle = Bundle(module, input_shape, num_classes, record, [], fields["data"], fields["source"], fields["history"])
+    try:
+        apply_recipe(bundle, fields["recipe"])
+    except UserError:
+        raise
+    except Exception as exc:  # a recipe that passed the checks above but does not fit this module
+        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise UserError(f"the rewrites recorded in {path} do not fit its architecture ({type(exc).__name__}: {first})",
+                        "the file was edited or is damaged; re-create it") from None
     try:
         bundle.module.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else "mismatch"
         raise UserError(f"the weights in {path} do not fit its recorded architecture ({first})",
                         "the file was edited or is damaged; re-create it") from None
     bundle.module.eval()
     return bundle
+
+
+def parse_bundle_metadata(metadata: dict[str, str], path: str | Path, *, file_size: int) -> dict:
+    """The harden.* records of a bundle, each checked for the structure the loader relies on.
+
+    Returns arch, input_shape, num_classes, recipe, data, source, history; raises a one-line
+    UserError naming the first damaged field."""
+    def damaged(detail: str) -> UserError:
+        return UserError(f"the harden metadata of {path} is damaged ({detail})", _DAMAGED_HINT)
+
+    version = metadata.get("harden.format")
+    if not isinstance(version, str):
+        raise damaged("harden.format is missing")
+    if version != FORMAT_VERSION:
+        raise UserError(f"{path} has harden format {version[:20]!r}, this tool reads {FORMAT_VERSION}",
+                        "re-create the file with this version of harden")
+
+    def document(key: str, default: str | None = None):
+        raw = metadata.get(key, default)
+        if raw is None:
+            raise damaged(f"{key} is missing")
+        try:
+            value = load_untrusted_json(raw, key)
+        except UserError as exc:
+            raise damaged(exc.what) from None
+        if not _printable_json(value, 0):
+            raise damaged(f"{key} holds text that is not valid Unicode, or is nested too deeply")
+        return value
+
+    arch = check_arch_record(document("harden.arch"), damaged)
+    model = document("harden.model")
+    if not isinstance(model, dict):
+        raise damaged("harden.model is not an object")
+    if "input_shape" not in model or "num_classes" not in model:
+        raise damaged("harden.model lacks input_shape or num_classes")
+    input_shape = check_input_shape(model["input_shape"], damaged, "harden.model input_shape")
+    num_classes = model["num_classes"]
+    if not _integer(num_classes) or not 1 <= num_classes <= MAX_CLASSES:
+        raise damaged(f"harden.model num_classes {_show(num_classes)} is not a count of classes")
+    recipe = check_recipe(document("harden.recipe", "[]"), damaged, file_size=file_size)
+    data = check_data(document("harden.data", "{}"), damaged)
+    source = document("harden.source", "{}")
+    if not isinstance(source, dict):
+        raise damaged("harden.source is not an object")
+    history = document("harden.history", "[]")
+    if not isinstance(history, list) or not all(isinstance(record, dict) for record in history):
+        raise damaged("harden.history is not a list of records")
+    for record in history:
+        for key in ("run", "train", "norm"):
+            if record.get(key) is not None and not isinstance(record[key], str):
+                raise damaged(f"a harden.history record has {key} {_show(record[key])}, not a name")
+        if record.get("eps") is not None and not _real(record["eps"]):
+            raise damaged(f"a harden.history record has eps {_show(record['eps'])}, not a number")
+    return {"arch": arch, "input_shape": input_shape, "num_classes": int(num_classes), "recipe": recipe,
+            "data": data, "source": source, "history": history}
+
+
+def check_arch_record(arch, damaged) -> dict:
+    from harden.zoo import ARCHITECTURES
+
+    if not isinstance(arch, dict):
+        raise damaged("harden.arch is not an object")
+    kind = arch.get("kind")
+    if arch.get("name") is not None and not (isinstance(arch["name"], str) and arch["name"].isprintable()):
+        raise damaged("harden.arch name is not printable text")
+    if kind == "zoo":
+        if arch.get("name") not in ARCHITECTURES:
+            raise damaged(f"harden.arch names the unknown built-in architecture {_show(arch.get('name'))}")
+    elif kind == "factory":
+        if not isinstance(arch.get("ref"), str) or not is_factory_ref(arch["ref"]):
+            raise damaged(f"harden.arch factory {_show(arch.get('ref'))} is not package.module:function")
+    elif kind == "onnx-graph":
+        if not isinstance(arch.get("graph"), str):
+            raise damaged("harden.arch holds no ONNX graph")
+    else:
+        raise damaged(f"harden.arch kind {_show(kind)} is not zoo, factory or onnx-graph")
+    return arch
+
+
+def check_input_shape(shape, damaged, what: str) -> tuple[int, ...]:
+    """A per-sample input shape: 1 to 6 positive sizes, at most MAX_INPUT_ELEMENTS values in all."""
+    if not isinstance(shape, (list, tuple)) or not shape or not all(_integer(d) for d in shape):
+        raise damaged(f"{what} {_show(shape)} is not a list of sizes")
+    if len(shape) > MAX_INPUT_RANK or any(d < 1 for d in shape):
+        raise damaged(f"{what} {list(shape)} has a size below 1 or more than {MAX_INPUT_RANK} axes")
+    if math.prod(shape) > MAX_INPUT_ELEMENTS:
+        raise damaged(f"{what} {list(shape)} has {math.prod(shape)} values per sample, more than the "
+                      f"{MAX_INPUT_ELEMENTS} harden handles")
+    return tuple(int(d) for d in shape)
+
+
+def check_recipe(recipe, damaged, *, file_size: int) -> list[dict]:
+    """What harden.recipe's handlers read from each step, checked before any of them runs."""
+    if not isinstance(recipe, list) or len(recipe) > 100:
+        raise damaged("harden.recipe is not a list of steps")
+    for index, step in enumerate(recipe):
+        where = f"harden.recipe step {index + 1}"
+        if not isinstance(step, dict) or not isinstance(step.get("step"), str):
+            raise damaged(f"{where} is not a {{'step': name, ...}} record")
+        name = step["step"]
+        if name == "spectral-norm":
+            if not _real(step.get("beta")) or not step["beta"] > 0:
+                raise damaged(f"{where} (spectral-norm) has beta {_show(step.get('beta'))}, not a positive number")
+            layers = step.get("layers", ["conv", "linear"])
+            if not isinstance(layers, list) or not layers or not all(kind in ("conv", "linear") for kind in layers):
+                raise damaged(f"{where} (spectral-norm) has layers {_show(layers)}, not a list of conv/linear")
+            iterations = step.get("n_power_iterations", 1)
+            if not _integer(iterations) or not 1 <= iterations <= 1_000_000:
+                raise damaged(f"{where} (spectral-norm) has n_power_iterations {_show(iterations)}")
+        elif name == "wca":
+            noise_dim = step.get("noise_dim")
+            # The noise factor L is noise_dim x noise_dim and its values are in the file: a larger
+            # noise_dim than the file can hold is damage, not something to allocate.
+            if not _integer(noise_dim) or not 1 <= noise_dim or noise_dim * noise_dim > file_size:
+                raise damaged(f"{where} (wca) has noise_dim {_show(noise_dim)}, not a size that fits the file")
+            if not isinstance(step.get("layer"), str) or not step["layer"]:
+                raise damaged(f"{where} (wca) names no layer")
+            if "init_std" in step and (not _real(step["init_std"]) or not step["init_std"] > 0):
+                raise damaged(f"{where} (wca) has init_std {_show(step['init_std'])}, not a positive number")
+        elif name == "prune":
+            layers = step.get("layers")
+            if not isinstance(layers, list) or not all(isinstance(layer, str) for layer in layers):
+                raise damaged(f"{where} (prune) has layers {_show(layers)}, not a list of layer names")
+        # other names: harden.recipe.apply_recipe refuses them (a newer harden wrote the file)
+    return recipe
+
+
+def check_data(data, damaged) -> dict:
+    """harden.data: what certification needs (dataset, classes, input range, normalization)."""
+    if not isinstance(data, dict):
+        raise damaged("harden.data is not an object")
+    if data.get("dataset") is not None and not (isinstance(data["dataset"], str) and data["dataset"]):
+        raise damaged(f"harden.data dataset {_show(data['dataset'])} is not a name")
+    if "classes" in data and not (isinstance(data["classes"], list) and len(data["classes"]) <= MAX_CLASSES
+                                  and all(isinstance(c, str) for c in data["classes"])):
+        raise damaged("harden.data classes is not a list of names")
+    if "input_range" in data:
+        value = data["input_range"]
+        if not (isinstance(value, list) and len(value) == 2 and all(_real(v) for v in value) and value[0] < value[1]):
+            raise damaged(f"harden.data input_range {_show(value)} is not [low, high] with low < high")
+    for name in ("mean", "std"):
+        value = data.get(name)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not values or not all(_real(v) for v in values) or (name == "std" and any(v <= 0 for v in values)):
+            raise damaged(f"harden.data {name} {_show(value)} is not a list of "
+                          f"{'positive ' if name == 'std' else ''}finite numbers")
+    if data.get("input_shape") is not None:
+        check_input_shape(data["input_shape"], damaged, "harden.data input_shape")
+    return data
+
+
+def _show(value) -> str:
+    """An offending value as it appears in the file (JSON), cut short."""
+    try:
+        text = json.dumps(value, ensure_ascii=True)
+    except (TypeError, ValueError, RecursionError):
+        text = type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _printable_json(value, depth: int) -> bool:
+    # json.loads accepts lone surrogates ("\udcff"), which break printing and re-saving later.
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, list):
+        return all(_printable_json(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return all(_printable_json(key, depth + 1) and _printable_json(item, depth + 1) for key, item in value.items())
+    return True
 
 
 def check_finite(state: dict[str, torch.Tensor], *, what: str) -> None:
@@ -146,6 +430,9 @@ def check_finite(state: dict[str, torch.Tensor], *, what: str) -> None:
                             "fix or retrain the model; harden cannot certify or harden it")
 
 
-def file_source(path: str | Path, fmt: str) -> dict:
+def file_source(path: str | Path, fmt: str, data: bytes | None = None) -> dict:
+    """Where a model came from; `data` (the bytes already read) is hashed instead of the file,
+    so the sha256 names exactly what was loaded."""
     path = Path(path)
-    return {"path": str(path), "sha256": sha256_file(path), "format": fmt}
+    digest = hashlib.sha256(data).hexdigest() if data is not None else sha256_file(path)
+    return {"path": str(path), "sha256": digest, "format": fmt}

@@ -17,6 +17,28 @@ def default_output(model_path: str | Path) -> Path:
     return path.with_name(f"{stem}.hard.safetensors")
 
 
+def check_options(*, spectral_norm: float | None = DEFAULT_BETA, sn_iters: int = 1,
+                  layers: tuple[str, ...] = LAYER_KINDS, noise: str | None = None, noise_dim: int = 32) -> None:
+    """Refuse conversion options that cannot work (one-line UserError), before the model is read."""
+    from harden.train import is_finite_number
+
+    if not layers:
+        raise UserError("--layers names no layer kind", f"use a comma-separated subset of {', '.join(LAYER_KINDS)}")
+    unknown = [kind for kind in layers if kind not in LAYER_KINDS]
+    if unknown:
+        raise UserError(f"unknown --layers kind {', '.join(unknown)}", f"use a comma-separated subset of {', '.join(LAYER_KINDS)}")
+    if spectral_norm is not None:
+        if not (is_finite_number(spectral_norm) and spectral_norm > 0):
+            raise UserError(f"--spectral-norm {spectral_norm} is not positive and finite",
+                            "give a norm bound beta > 0, e.g. 4")
+        if not (isinstance(sn_iters, int) and 1 <= sn_iters <= 1_000_000):
+            raise UserError(f"--sn-iters {sn_iters} is outside 1..1000000", "give a few power iterations per step (1 is the usual)")
+    if noise is not None and noise != "wca":
+        raise UserError(f"unknown --noise {noise!r}", "the noise layer available is wca")
+    if not (isinstance(noise_dim, int) and noise_dim >= 1):
+        raise UserError(f"--noise-dim {noise_dim} is below 1", "give the noise dimension, e.g. --noise-dim 32")
+
+
 def convert(bundle: Bundle, *, spectral_norm: float | None = DEFAULT_BETA, sn_iters: int = 1,
             layers: tuple[str, ...] = LAYER_KINDS, noise: str | None = None,
             noise_dim: int = 32) -> list[dict]:
@@ -24,20 +46,12 @@ def convert(bundle: Bundle, *, spectral_norm: float | None = DEFAULT_BETA, sn_it
 
     noise="wca" first puts the WCA noise layer before the final Linear (harden.wca; its record is
     the "wca" recipe step), so that spectral normalization then also covers its Linear layers."""
-    unknown = [kind for kind in layers if kind not in LAYER_KINDS]
-    if unknown:
-        raise UserError(f"unknown --layers kind {', '.join(unknown)}", f"use a comma-separated subset of {', '.join(LAYER_KINDS)}")
+    layers = tuple(layers)
+    check_options(spectral_norm=spectral_norm, sn_iters=sn_iters, layers=layers, noise=noise, noise_dim=noise_dim)
     if any(step["step"] == "spectral-norm" for step in bundle.recipe) and spectral_norm is not None:
         raise UserError("this model already has spectral normalization", "convert the original model instead")
     records: list[dict] = []
-    if spectral_norm is not None:
-        if not spectral_norm > 0:
-            raise UserError(f"--spectral-norm {spectral_norm} is not positive", "give a norm bound beta > 0, e.g. 4")
-        if sn_iters < 1:
-            raise UserError(f"--sn-iters {sn_iters} is below 1", "give at least one power iteration per step")
     if noise is not None:
-        if noise != "wca":
-            raise UserError(f"unknown --noise {noise!r}", "the noise layer available is wca")
         from harden.wca import add_wca
 
         bundle.recipe.append({"step": "wca", **add_wca(bundle.module, tuple(bundle.input_shape), noise_dim=noise_dim)})

@@ -83,12 +83,42 @@ def certification_metadata(bundle: Bundle) -> dict[str, str]:
     }
 
 
+def check_normalization(mean: list[float] | None, std: list[float] | None,
+                        input_shape: tuple[int, ...] | None = None) -> None:
+    """The input normalization (x - mean) / std to record: finite values, std > 0, as many means
+    as stds, and one value per input channel -- or ONE value, which is broadcast to every channel
+    (as certify applies it). Without `input_shape` the channel count is not checked."""
+    import math
+
+    channels = None
+    if input_shape is not None:
+        channels = int(input_shape[0]) if len(input_shape) >= 3 else 1
+    for option, values in (("--mean", mean), ("--std", std)):
+        if values is None:
+            continue
+        shown = ",".join(f"{v:g}" for v in values)
+        if not values:
+            raise UserError(f"{option} gives no value", f"e.g. {option} 0.1307")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise UserError(f"{option} {shown} has a value that is not a finite number", f"e.g. {option} 0.1307")
+        if option == "--std" and any(v <= 0 for v in values):
+            raise UserError(f"--std {shown} has a value <= 0 (the inputs would be divided by it)",
+                            "give positive standard deviations, e.g. --std 0.3081")
+        if channels is not None and len(values) not in (1, channels):
+            raise UserError(f"{option} {shown} gives {len(values)} values, the model's input has {channels} channel(s)",
+                            f"give one value per channel ({channels}), or one value for all of them")
+    if mean is not None and std is not None and len(mean) != len(std):
+        raise UserError(f"--mean gives {len(mean)} value(s) but --std gives {len(std)}",
+                        "give as many means as standard deviations (one per channel, or one for all)")
+
+
 def export_onnx(bundle: Bundle, output: str | Path, *, deterministic: bool = True,
                 parity_inputs: torch.Tensor | None = None) -> dict:
     """Write `bundle` as ONNX at `output`; returns the parity-check record. No file on failure."""
     import onnx
 
     output = Path(output)
+    check_normalization(bundle.data.get("mean"), bundle.data.get("std"), tuple(bundle.input_shape))
     module = baked_module(bundle.module, deterministic=deterministic)
     model = onnx.load_from_string(module_to_onnx_bytes(module, bundle.input_shape))
     metadata = certification_metadata(bundle)

@@ -34,13 +34,13 @@ from torch import nn
 
 from certify.attacks import FGM, FGSM, PGD
 from certify.data import Dataset
-from certify.errors import UserError
+from certify.errors import UserError, load_untrusted_json
 from certify.files import atomic_path
 from certify.progress import progress_bar, say
 from harden.bundle import Bundle
 from harden.objectives import (ATTACK_LABELS, CERTIFIED, OBJECTIVES, SCHEDULES, BoundGraph, LayerTerms,
                                Objective, Step, draw_start, eps_at, make_objective, ramp_fraction)
-from harden.train import accuracy, pick_device
+from harden.train import accuracy, check_common_options, is_finite_number as _finite, pick_device
 
 LR_SCHEDULES = ("constant", "cosine")
 CHECKPOINT_FORMAT = "1"
@@ -72,7 +72,11 @@ class FinetuneConfig:
             return self.eps_ramp_epochs
         return max(1, self.epochs // 2) if self.train in CERTIFIED else 0.0
 
-    def validate(self, input_shape: tuple[int, ...], input_range: tuple[float, float]) -> None:
+    def validate(self, input_shape: tuple[int, ...] | None = None,
+                 input_range: tuple[float, float] | None = None) -> None:
+        """Refuse any setting that cannot work, with a one-line UserError. Without the model's
+        input shape and range (e.g. before the model is loaded) every check but eps's upper bound
+        is made; call it again with them."""
         def bad(what: str, hint: str) -> None:
             raise UserError(what, hint)
 
@@ -80,41 +84,41 @@ class FinetuneConfig:
             bad(f"unknown --train {self.train!r}", f"use one of: {', '.join(OBJECTIVES)}")
         if self.norm not in ("inf", "2"):
             bad(f"unknown --norm {self.norm!r}", "use inf or 2")
-        width = float(input_range[1]) - float(input_range[0])
-        largest = width if self.norm == "inf" else width * math.sqrt(math.prod(input_shape))
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)) or self.eps < 0:
+        if not (_finite(self.eps) and self.eps >= 0):
             bad(f"--eps {self.eps} is not a finite number >= 0", "give the radius in pixel units, e.g. --eps 0.1")
         if self.train != "clean" and self.eps == 0:
             bad(f"--train {self.train} needs --eps > 0", "give the radius to train for, e.g. --eps 0.1")
-        if self.eps > largest:
-            bad(f"--eps {self.eps} is larger than the whole input range in the l{self.norm} norm ({largest:g})",
-                f"give 0 < eps <= {largest:g} (pixel units, inputs in [{input_range[0]:g}, {input_range[1]:g}])")
-        if self.epochs < 1:
-            bad(f"--epochs {self.epochs} is below 1", "give at least one epoch")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            bad(f"--lr {self.lr} is not a positive number", "give a learning rate such as 1e-3")
-        if self.batch_size < 1:
-            bad(f"--batch-size {self.batch_size} is below 1", "give a batch size such as 128")
-        if self.steps < 1:
-            bad(f"--steps {self.steps} is below 1", "give the number of attack steps, e.g. 10")
-        if self.step_size is not None and not (math.isfinite(self.step_size) and self.step_size > 0):
+        if input_shape is not None:
+            input_range = tuple(input_range) if input_range is not None else (0.0, 1.0)
+            width = float(input_range[1]) - float(input_range[0])
+            largest = width if self.norm == "inf" else width * math.sqrt(math.prod(input_shape))
+            if self.eps > largest:
+                bad(f"--eps {self.eps} is larger than the whole input range in the l{self.norm} norm ({largest:g})",
+                    f"give 0 < eps <= {largest:g} (pixel units, inputs in [{input_range[0]:g}, {input_range[1]:g}])")
+        check_common_options(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+                             steps=self.steps, eval_limit=self.eval_limit)
+        if self.step_size is not None and not (_finite(self.step_size) and self.step_size > 0):
             bad(f"attack step size {self.step_size} is not positive", "leave it unset for 2.5 * eps / steps")
-        if self.eps_ramp_epochs is not None and not (math.isfinite(self.eps_ramp_epochs) and self.eps_ramp_epochs >= 0):
-            bad(f"--eps-ramp-epochs {self.eps_ramp_epochs} is negative", "give 0 (no ramp) or more epochs")
+        if self.eps_ramp_epochs is not None:
+            if not (_finite(self.eps_ramp_epochs) and self.eps_ramp_epochs >= 0):
+                bad(f"--eps-ramp-epochs {self.eps_ramp_epochs} is not a number >= 0", "give 0 (no ramp) or more epochs")
+            if self.eps_ramp_epochs > self.epochs:
+                bad(f"--eps-ramp-epochs {self.eps_ramp_epochs:g} is more than --epochs {self.epochs} "
+                    f"(eps would never reach {self.eps:g})", f"give at most {self.epochs} ramp epochs, or more --epochs")
         if self.eps_schedule not in SCHEDULES:
-            bad(f"unknown eps schedule {self.eps_schedule!r}", f"use one of: {', '.join(SCHEDULES)}")
+            bad(f"unknown --eps-schedule {self.eps_schedule!r}", f"use one of: {', '.join(SCHEDULES)}")
         if self.attack_labels not in ATTACK_LABELS:
             bad(f"unknown attack labels {self.attack_labels!r}", f"use one of: {', '.join(ATTACK_LABELS)}")
         if self.lr_schedule not in LR_SCHEDULES:
             bad(f"unknown --lr-schedule {self.lr_schedule!r}", f"use one of: {', '.join(LR_SCHEDULES)}")
-        if not 0.0 <= self.kappa_end <= 1.0:
+        if not (_finite(self.kappa_end) and 0.0 <= self.kappa_end <= 1.0):
             bad(f"kappa {self.kappa_end} is outside [0, 1]", "give a final clean-loss weight such as 0.5")
-        if self.norm_decay is not None and not (math.isfinite(self.norm_decay) and self.norm_decay >= 0):
+        if not (_finite(self.trades_beta) and self.trades_beta >= 0):
+            bad(f"TRADES beta {self.trades_beta} is not a number >= 0", "use the reference value 6")
+        if self.norm_decay is not None and not (_finite(self.norm_decay) and self.norm_decay >= 0):
             bad(f"--norm-decay {self.norm_decay} is not a number >= 0", "use a value in 1e-5..0.1")
         if self.norm_decay_p not in ("inf", "1"):
             bad(f"unknown --norm-decay-p {self.norm_decay_p!r}", "use inf or 1")
-        if self.eval_limit is not None and self.eval_limit < 0:
-            bad(f"--eval-limit {self.eval_limit} is negative", "give 0 or more test samples")
 
     def resume_key(self) -> dict:
         """The settings a resumed run must share with the checkpoint (epochs may grow)."""
@@ -251,25 +255,81 @@ def save_checkpoint(path: Path, *, module: nn.Module, optimizer: torch.optim.Opt
         save_file(tensors, str(tmp), metadata=metadata)
 
 
+CHECKPOINT_HINT = "give the .ckpt.safetensors file that harden finetune wrote"
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(metadata, tensors) of a checkpoint written by `save_checkpoint`."""
+    """(metadata, tensors) of a checkpoint written by `save_checkpoint`; a UserError for a missing,
+    damaged or foreign file."""
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--resume {path} is a folder", CHECKPOINT_HINT)
     if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist", "give the .ckpt.safetensors file a run wrote")
+        raise UserError(f"checkpoint {path} does not exist", CHECKPOINT_HINT)
     try:
         with safe_open(str(path), framework="pt") as handle:
             raw = (handle.metadata() or {}).get("harden.checkpoint")
         tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({exc})", "give the .ckpt.safetensors file a run wrote") from None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({first})",
+                        "the file is damaged or truncated; " + CHECKPOINT_HINT) from None
     if raw is None:
-        raise UserError(f"{path} is a safetensors file but not a harden checkpoint",
-                        "give the .ckpt.safetensors file that harden finetune wrote")
-    meta = json.loads(raw)
+        raise UserError(f"{path} is a safetensors file but not a harden checkpoint", CHECKPOINT_HINT)
+    try:
+        meta = load_untrusted_json(raw, "checkpoint metadata")
+    except UserError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} has damaged checkpoint metadata", CHECKPOINT_HINT)
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} has checkpoint format {meta.get('format')}", "resume with the harden version that wrote it")
+    wanted = {"epoch": int, "config": dict, "epochs": list, "param_groups": list}
+    damaged = [key for key, kind in wanted.items() if not isinstance(meta.get(key), kind)]
+    if damaged or "rng.torch" not in tensors:
+        raise UserError(f"{path} has damaged checkpoint metadata (missing {', '.join(damaged or ['rng.torch'])})",
+                        CHECKPOINT_HINT)
+    return meta, tensors
+
+
+def check_resume(path: str | Path, config: FinetuneConfig, module: nn.Module | None = None, *,
+                 train_samples: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read the checkpoint `path` and refuse it unless this run can continue it: the same settings
+    (only the epochs may grow), the same model (tensor names and shapes), the same amount of data.
+    Cheap: the CLI calls it before loading any data."""
+    meta, tensors = read_checkpoint(path)
+    known = {f.name for f in fields(FinetuneConfig)}
+    try:
+        saved = FinetuneConfig(**{k: v for k, v in meta["config"].items() if k in known})
+        saved_key = saved.resume_key()
+    except (TypeError, ValueError):
+        raise UserError(f"{path} has damaged checkpoint metadata (its settings)", CHECKPOINT_HINT) from None
+    key = config.resume_key()
+    if saved_key != key:
+        diff = [k for k, v in key.items() if saved_key.get(k) != v]
+        shown = ", ".join(f"{k} {saved_key.get(k)!r} there, {key[k]!r} here" for k in diff[:3])
+        raise UserError(f"the checkpoint {path} was made with other settings ({shown})",
+                        "resume with the options of the interrupted run (only --epochs may change; "
+                        "give --eps-ramp-epochs explicitly when the default ramp moved with them)")
+    if meta["epoch"] > config.epochs:
+        raise UserError(f"the checkpoint {path} is after epoch {meta['epoch']}, beyond --epochs {config.epochs}",
+                        f"give --epochs {meta['epoch']} or more to continue it")
+    if module is not None:
+        expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
+        stored = {k[len("model."):]: tuple(v.shape) for k, v in tensors.items() if k.startswith("model.")}
+        if stored != expected:
+            missing = sorted(set(expected) - set(stored))
+            extra = sorted(set(stored) - set(expected))
+            shapes = sorted(k for k in set(stored) & set(expected) if stored[k] != expected[k])
+            detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra
+                      else f"{shapes[0]} has shape {stored[shapes[0]]}, the model {expected[shapes[0]]}")
+            raise UserError(f"the checkpoint {path} does not fit this model ({detail})",
+                            "resume with the same MODEL file the checkpoint was made from")
+    if train_samples is not None and meta.get("train_samples") != train_samples:
+        raise UserError(f"the checkpoint {path} was made on {meta.get('train_samples')} training samples, "
+                        f"this run has {train_samples}", "resume with the same --data and --limit")
     return meta, tensors
 
 
@@ -281,15 +341,20 @@ def _restore(meta: dict, tensors: dict[str, torch.Tensor], path: Path, *, module
     except RuntimeError as exc:
         raise UserError(f"the checkpoint {path} does not fit this model ({str(exc).splitlines()[0]})",
                         "resume with the same MODEL file the checkpoint was made from") from None
-    opt_state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        if key.startswith("optimizer."):
-            _, index, name = key.split(".", 2)
-            opt_state.setdefault(int(index), {})[name] = value
-    for index, entries in meta.get("optimizer_plain_state", {}).items():
-        opt_state.setdefault(int(index), {}).update(entries)
-    optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
+    try:
+        opt_state: dict[int, dict] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, index, name = key.split(".", 2)
+                opt_state.setdefault(int(index), {})[name] = value
+        for index, entries in meta.get("optimizer_plain_state", {}).items():
+            opt_state.setdefault(int(index), {}).update(entries)
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"the checkpoint {path} has a damaged optimizer or random state ({first})",
+                        CHECKPOINT_HINT) from None
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
@@ -318,15 +383,31 @@ def _training_module(bundle: Bundle) -> nn.Module:
     return with_normalization(bundle.module, spec, tuple(bundle.input_shape))
 
 
-def check_data(bundle: Bundle, train: Dataset) -> None:
-    if tuple(train.x.shape[1:]) != tuple(bundle.input_shape):
-        raise UserError(f"the data has samples of shape {tuple(train.x.shape[1:])}, the model expects "
-                        f"{tuple(bundle.input_shape)}", "fine-tune the model on the data it was made for")
-    if len(train) == 0:
-        raise UserError("the training data is empty", "give a dataset with samples (or a larger --limit)")
-    if int(train.y.max()) >= bundle.num_classes:
-        raise UserError(f"the data has label {int(train.y.max())} but the model has {bundle.num_classes} classes",
-                        "fine-tune the model on the data it was made for")
+def check_data(bundle: Bundle, train: Dataset, test: Dataset | None = None) -> None:
+    """Refuse data the model cannot be trained or evaluated on, before any training step: another
+    sample shape, no samples, labels the model has no output for (cross-entropy would fail), or a
+    model with another number of outputs than the data has classes (a 100-output model on 10-class
+    data is almost surely the wrong model or the wrong data)."""
+    hint = "fine-tune the model on the data it was made for"
+    for role, data in (("training", train), ("test", test)):
+        if data is None:
+            continue
+        if tuple(data.x.shape[1:]) != tuple(bundle.input_shape):
+            raise UserError(f"the {role} data has samples of shape {tuple(data.x.shape[1:])}, the model expects "
+                            f"{tuple(bundle.input_shape)}", hint)
+        if len(data) == 0:
+            if role == "training":
+                raise UserError("the training data is empty", "give a dataset with samples (or a larger --limit)")
+            continue
+        low, high = int(data.y.min()), int(data.y.max())
+        if low < 0 or high >= bundle.num_classes:
+            label = low if low < 0 else high
+            raise UserError(f"the {role} data has label {label} but the model has {bundle.num_classes} outputs "
+                            f"(labels 0..{bundle.num_classes - 1})", hint)
+    classes = len(train.classes)
+    if classes and classes != bundle.num_classes:
+        raise UserError(f"the model has {bundle.num_classes} outputs but the data has {classes} classes",
+                        hint + " (a .npz without a `classes` array has max(y) + 1 classes; add one naming every class)")
 
 
 def finetune(bundle: Bundle, train: Dataset, test: Dataset | None, config: FinetuneConfig, *,
@@ -340,20 +421,11 @@ def finetune(bundle: Bundle, train: Dataset, test: Dataset | None, config: Finet
     """
     input_range = tuple(bundle.data.get("input_range", (0.0, 1.0)))
     config.validate(tuple(bundle.input_shape), input_range)
-    check_data(bundle, train)
+    pick_device(device)  # the one device check, before anything else is read
+    check_data(bundle, train, test)
     resume_meta = resume_tensors = None
     if resume is not None:
-        resume_meta, resume_tensors = read_checkpoint(resume)
-        saved = FinetuneConfig(**{f.name: resume_meta["config"][f.name] for f in fields(FinetuneConfig)
-                                  if f.name in resume_meta["config"]})
-        if saved.resume_key() != config.resume_key():
-            diff = [k for k, v in config.resume_key().items() if saved.resume_key().get(k) != v]
-            raise UserError(f"the checkpoint {resume} was made with other settings ({', '.join(diff)})",
-                            "resume with the options of the interrupted run (only --epochs may change; "
-                            "give --eps-ramp-epochs explicitly when the default ramp moved with them)")
-        if resume_meta.get("train_samples") != len(train):
-            raise UserError(f"the checkpoint {resume} was made on {resume_meta.get('train_samples')} training samples, "
-                            f"this run has {len(train)}", "resume with the same --data and --limit")
+        resume_meta, resume_tensors = check_resume(resume, config, bundle.module, train_samples=len(train))
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = _device_for(device, local_rank)

@@ -71,13 +71,20 @@ class _Call:
     output_shape: tuple[int, ...]
 
 
+def check_options(*, max_iters: int = MAX_ITERS, tol: float = TOLERANCE) -> None:
+    """Refuse power-iteration settings that cannot work (one-line UserError), before any loading."""
+    if not (isinstance(max_iters, int) and not isinstance(max_iters, bool) and max_iters >= 1):
+        raise UserError(f"--max-iters {max_iters} is below 1", "use e.g. 2000")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise UserError(f"tolerance {tol} is not a positive number", "use e.g. 1e-6")
+
+
 def inspect_model(module: nn.Module, input_shape: tuple[int, ...], *, max_iters: int = MAX_ITERS,
                   tol: float = TOLERANCE) -> dict:
     """Per-layer norms and the product Lipschitz bounds of `module` on inputs of `input_shape`
     (one sample, e.g. (1, 28, 28)). Returns a JSON-ready dict: "layers" (one entry per layer call,
     in execution order) and "lipschitz" (the bounds, or why there is none, and the assumptions)."""
-    if max_iters < 1:
-        raise UserError(f"--max-iters {max_iters} is below 1", "use e.g. 2000")
+    check_options(max_iters=max_iters, tol=tol)
     calls = _trace(module, tuple(input_shape))
     rows: list[dict] = []
     assumptions = ["the bounds are for the deterministic network: WCA noise off, dropout off, BatchNorm with its running statistics"]

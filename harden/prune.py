@@ -55,6 +55,7 @@ from certify.errors import UserError
 from certify.progress import progress_bar, say
 from harden.bundle import Bundle
 from harden.norms import condition_number, effective_weight, rank_tolerance
+from harden.train import check_common_options, is_finite_number
 
 SCHEDULES = ("cubic", "oneshot")
 SCOPES = ("global", "per-layer")
@@ -279,23 +280,25 @@ class PruneConfig:
             return 0.0
         return DEFAULT_COND_WEIGHT[self.cond_form] if self.cond_weight is None else self.cond_weight
 
-    def validate(self) -> None:
-        def finite(value) -> bool:
-            return isinstance(value, (int, float)) and math.isfinite(value)
-
+    def validate(self, input_shape: tuple[int, ...] | None = None,
+                 input_range: tuple[float, float] | None = None) -> None:
+        """Refuse any setting that cannot work (one-line UserError). With the model's input shape
+        and range, eps is also checked against the largest distance in the input space."""
+        finite = is_finite_number
         if not (finite(self.sparsity) and 0.0 <= self.sparsity < 1.0):
             raise UserError(f"--sparsity {self.sparsity} is outside [0, 1)",
                             "give the fraction of weights to zero, e.g. --sparsity 0.9")
         if self.schedule not in SCHEDULES:
             raise UserError(f"unknown --schedule {self.schedule!r}", f"use one of: {', '.join(SCHEDULES)}")
-        if self.prune_steps < 1:
+        if not (isinstance(self.prune_steps, int) and self.prune_steps >= 1):
             raise UserError(f"--prune-steps {self.prune_steps} is below 1", "give the number of pruning events, e.g. 10")
         if not (finite(self.prune_fraction) and 0.0 < self.prune_fraction <= 1.0):
             raise UserError(f"prune fraction {self.prune_fraction} is outside (0, 1]", "use e.g. 0.5")
         if self.scope not in SCOPES:
             raise UserError(f"unknown pruning scope {self.scope!r}", f"use one of: {', '.join(SCOPES)}")
-        if self.kappa_max is not None and not (finite(self.kappa_max) and self.kappa_max >= 1.0):
-            raise UserError(f"--kappa-max {self.kappa_max} is below 1 (no matrix has kappa < 1)",
+        if self.kappa_max is not None and not (finite(self.kappa_max) and self.kappa_max > 1.0):
+            raise UserError(f"--kappa-max {self.kappa_max} is not above 1 (every matrix has kappa >= 1, "
+                            "and only a multiple of an orthogonal one reaches 1)",
                             "give the largest condition number to allow, e.g. --kappa-max 100")
         if self.cond_form not in COND_FORMS:
             raise UserError(f"unknown --cond-form {self.cond_form!r}", f"use one of: {', '.join(COND_FORMS)}")
@@ -310,22 +313,22 @@ class PruneConfig:
             raise UserError(f"--tsc-weight {self.tsc_weight} is not a number >= 0", "use e.g. 1e-5, or 0 for none")
         if self.train not in OBJECTIVES:
             raise UserError(f"unknown --train {self.train!r} for pruning", f"use one of: {', '.join(OBJECTIVES)}")
+        if self.norm not in ("inf", "2"):
+            raise UserError(f"unknown --norm {self.norm!r}", "use inf or 2")
         if not (finite(self.eps) and self.eps >= 0):
             raise UserError(f"--eps {self.eps} is not a finite number >= 0", "give the radius in pixel units, e.g. 0.1")
         if self.train != "clean" and self.eps == 0:
             raise UserError(f"--train {self.train} needs --eps > 0", "give the radius to train for, e.g. --eps 0.1")
-        if self.norm not in ("inf", "2"):
-            raise UserError(f"unknown --norm {self.norm!r}", "use inf or 2")
-        if self.steps < 1:
-            raise UserError(f"--steps {self.steps} is below 1", "give the number of attack steps, e.g. 10")
-        if self.epochs < 1:
-            raise UserError(f"--epochs {self.epochs} is below 1", "give at least one epoch")
-        if not (finite(self.lr) and self.lr > 0):
-            raise UserError(f"--lr {self.lr} is not a positive number", "give a learning rate such as 1e-3")
-        if self.batch_size < 1:
-            raise UserError(f"--batch-size {self.batch_size} is below 1", "give a batch size such as 128")
-        if self.eval_limit is not None and self.eval_limit < 0:
-            raise UserError(f"--eval-limit {self.eval_limit} is negative", "give 0 or more test samples")
+        if input_shape is not None:
+            low, high = tuple(input_range) if input_range is not None else (0.0, 1.0)
+            width = float(high) - float(low)
+            largest = width if self.norm == "inf" else width * math.sqrt(math.prod(input_shape))
+            if self.eps > largest:
+                raise UserError(f"--eps {self.eps} is larger than the whole input range in the l{self.norm} norm "
+                                f"({largest:g})", f"give 0 < eps <= {largest:g} (pixel units, inputs in "
+                                f"[{float(low):g}, {float(high):g}])")
+        check_common_options(epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, seed=self.seed,
+                             steps=self.steps, eval_limit=self.eval_limit)
 
 
 def objective_from_history(bundle: Bundle) -> tuple[str, float, str] | None:
@@ -370,14 +373,14 @@ def prune(bundle: Bundle, train: Dataset, test: Dataset | None, config: PruneCon
     from harden.objectives import LayerTerms, Step, draw_start, make_objective
     from harden.train import pick_device
 
-    config.validate()
-    check_data(bundle, train)
+    input_range = tuple(bundle.data.get("input_range", (0.0, 1.0)))
+    config.validate(tuple(bundle.input_shape), input_range)
+    dev = pick_device(device)
+    check_data(bundle, train, test)
     started = time.perf_counter()
     torch.manual_seed(config.seed)
-    dev = pick_device(device)
     bundle.module.to(dev)
     module = _training_module(bundle).to(dev)
-    input_range = tuple(bundle.data.get("input_range", (0.0, 1.0)))
     names = [name for name, _ in prunable_layers(bundle.module)]
     if not names:
         raise UserError("the model has no Conv2d or Linear layer to prune", "pruning works on Conv2d/Linear weights")

@@ -258,7 +258,8 @@ def test_bad_inputs_are_one_line_and_leave_no_report(cnn_onnx, tmp_path):
         ("--vnnlib", str(small), "--eps", "0.1"): "--vnnlib takes its boxes from the files",
     }
     for args, message in cases.items():
-        result = _cli(str(cnn_onnx), *args, "--limit", "2", "--json", str(report))
+        limit = () if "--vnnlib" in args else ("--limit", "2")  # --limit does not apply to --vnnlib
+        result = _cli(str(cnn_onnx), *args, *limit, "--json", str(report))
         lines = _lines(result.stderr)
         assert result.exit_code == 2, (args, result.stderr)
         assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (args, lines)

@@ -69,9 +69,12 @@ def test_export_cli_and_errors(tmp_path, trained_small_cnn):
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "parity" in ok.stderr and out.exists()
-    same = subprocess.run([sys.executable, "-m", "harden", "export", str(model), "-o", str(model)],
+    same = subprocess.run([sys.executable, "-m", "harden", "export", str(out), "-o", str(out)],
                           capture_output=True, text=True)
-    assert same.returncode == 2 and "overwrite" in same.stderr
+    assert same.returncode == 2 and "also an input" in same.stderr
+    wrong = subprocess.run([sys.executable, "-m", "harden", "export", str(model), "-o", str(model)],
+                           capture_output=True, text=True)
+    assert wrong.returncode == 2 and "written as .onnx" in wrong.stderr
     missing = subprocess.run([sys.executable, "-m", "harden", "export", str(tmp_path / "nope.pt"), "-o",
                               str(tmp_path / "x.onnx")], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr

@@ -233,7 +233,8 @@ def test_pruned_bundle_reloads_with_identical_outputs_cli(tmp_path, small_data):
 @pytest.mark.parametrize("args, message", [
     (["--sparsity", "1.0"], "--sparsity 1.0 is outside [0, 1)"),
     (["--sparsity", "-0.1"], "--sparsity -0.1 is outside [0, 1)"),
-    (["--sparsity", "0.5", "--kappa-max", "0.5"], "--kappa-max 0.5 is below 1"),
+    (["--sparsity", "0.5", "--kappa-max", "0.5"], "--kappa-max 0.5 is not above 1"),
+    (["--sparsity", "0.5", "--kappa-max", "1"], "--kappa-max 1.0 is not above 1"),
     (["--sparsity", "0.5", "--schedule", "linear"], "unknown --schedule 'linear'"),
     (["--sparsity", "0.5", "--train", "pgd"], "--train pgd needs --eps > 0"),
     (["--sparsity", "0.5", "--cond-weight", "2"], "--cond-weight with the hinge form needs --kappa-max"),
