@@ -1,6 +1,6 @@
 """Certified training of the small CNN on MNIST at l-infinity eps 0.1 (IBP or CROWN-IBP), then clean
 and verified accuracy on the test set, verified meaning the certification cascade (PGD to falsify,
-then IBP, CROWN and alpha-CROWN on what is left: certify.verdict.certify_batch).
+then IBP, CROWN and alpha-CROWN on what is left: certify.verdicts.cascade.certify_batch).
 
 Target (issue 4, 2 CPU cores, at most 30 minutes of training): clean >= 98.5%, verified >= 96%.
 For scale: a plain IBP recipe (eps ramp to 0.15, kappa 1 -> 0.5, Adam, 80 epochs) on this CNN
@@ -20,13 +20,8 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/certify.py shares the
-# certify package's name; import the packages, never a sibling script.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 REFERENCE = {"target_clean": 0.985, "target_verified": 0.96,
              "cpu_ibp_recipe_clean": 0.984, "cpu_ibp_recipe_ibp_verified": 0.957,
@@ -35,9 +30,9 @@ REFERENCE = {"target_clean": 0.985, "target_verified": 0.96,
 
 def cascade(module, test, *, eps: float, methods: tuple[str, ...], batch_size: int, seed: int, quiet: bool) -> dict:
     """Run the certification cascade on every test image; counts per verdict and deciding method."""
-    from certify.bounds import MarginBounder
-    from certify.progress import progress_bar
-    from certify.verdict import CascadeOptions, certify_batch
+    from certify.bounds.bounder import MarginBounder
+    from certify.common.progress import progress_bar
+    from certify.verdicts.cascade import CascadeOptions, certify_batch
 
     module = copy.deepcopy(module).eval()
     bounder = MarginBounder(module, (1, 28, 28))
@@ -91,11 +86,11 @@ def main(argv: list[str] | None = None) -> dict:
     quiet = not sys.stderr.isatty()
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
 
-    from certify.data import load_dataset
-    from harden.bundle import Bundle, save_bundle
-    from harden.finetune import FinetuneConfig, evaluate, finetune
-    from harden.train import train_clean
-    from harden.zoo import small_cnn
+    from certify.data.datasets import load_dataset
+    from harden.io.bundle import Bundle, save_bundle
+    from harden.training.finetune import FinetuneConfig, evaluate, finetune
+    from harden.training.train import train_clean
+    from harden.io.zoo import small_cnn
 
     train = load_dataset("mnist", split="train").subset(args.train_limit)
     test = load_dataset("mnist", split="test").subset(args.test_limit)

@@ -4,7 +4,7 @@ spectral normalization and with beta = 8 (methods.md section 1; paper: 87.6 -> 9
 
 Both models start from the same random initialization and see the same data order; the one with
 spectral normalization is converted (`harden.convert`) before training. Training is
-`harden.finetune` with `--train fgm --norm 2` (attack labels = the model's own predictions, loss on
+`harden.training.finetune` with `--train fgm --norm 2` (attack labels = the model's own predictions, loss on
 the adversarial points only, Adam 1e-3, batch 128, as in the paper).
 
     python benchmarks/farnia_mnist.py                 # modest budget (see --epochs)
@@ -19,13 +19,8 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/certify.py shares the
-# certify package's name; import the packages, never a sibling script.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 PAPER = {"no_sn": 0.876, "sn": 0.959, "beta": 8.0}
 
@@ -44,11 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from certify.data import load_dataset
-    from harden.bundle import Bundle
+    from certify.data.datasets import load_dataset
+    from harden.io.bundle import Bundle
     from harden.convert import convert
-    from harden.finetune import FinetuneConfig, evaluate, finetune
-    from harden.zoo import mlp_elu_512
+    from harden.training.finetune import FinetuneConfig, evaluate, finetune
+    from harden.io.zoo import mlp_elu_512
 
     train = load_dataset("mnist", split="train").subset(args.train_limit)
     test = load_dataset("mnist", split="test").subset(args.test_limit)

@@ -2,7 +2,7 @@
 clean accuracy and accuracy under PGD-50 (random start), all measured in the same run.
 
 All three start from the same clean-trained model (the "plain" row, `--clean-epochs` of clean
-training); the two others are fine-tuned from it with `harden.finetune` (--train pgd, PGD with
+training); the two others are fine-tuned from it with `harden.training.finetune` (--train pgd, PGD with
 `--steps` steps of 2.5 * eps / steps, random start, attack labels = the model's predictions) for
 `--epochs` epochs; "SN + PGD" is converted with spectral normalization (beta) first.
 
@@ -19,17 +19,12 @@ import copy
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/certify.py shares the
-# certify package's name; import the packages, never a sibling script.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 
 def pgd_accuracy(module, test, *, eps: float, steps: int, batch_size: int = 500, seed: int = 0) -> float:
-    from certify.attacks import PGD
+    from certify.attacks.gradient import PGD
 
     module.eval()
     attack = PGD(module, eps, norm="inf", steps=steps, random_start=True, generator=torch.Generator().manual_seed(seed))
@@ -58,12 +53,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from certify.data import load_dataset
-    from harden.bundle import Bundle
+    from certify.data.datasets import load_dataset
+    from harden.io.bundle import Bundle
     from harden.convert import convert
-    from harden.finetune import FinetuneConfig, finetune
-    from harden.train import accuracy, train_clean
-    from harden.zoo import small_cnn
+    from harden.training.finetune import FinetuneConfig, finetune
+    from harden.training.train import accuracy, train_clean
+    from harden.io.zoo import small_cnn
 
     train = load_dataset("mnist", split="train").subset(args.train_limit)
     test = load_dataset("mnist", split="test").subset(args.test_limit)

@@ -1,4 +1,4 @@
-"""Benchmark of pruning under a condition-number constraint (harden.prune; methods.md section 4).
+"""Benchmark of pruning under a condition-number constraint (harden.pruning.prune; methods.md section 4).
 
 The method's central claim, measured directly: at 90 / 95 / 99% sparsity the condition numbers of
 plainly pruned layers blow up, and the constraint keeps them bounded, to the benefit of robustness.
@@ -10,7 +10,7 @@ constraint (hinge at --kappa-max, weight --cond-weight, vs none). Reported per r
     when a layer is rank-deficient (e.g. a unit whose weights were all pruned), and of the live
     part (without all-zero rows/columns), which is what the constraint can act on;
   - on the same first --eval test images: clean accuracy, PGD accuracy (linf, --pgd-steps steps,
-    one restart) at --eps, and CROWN-verified accuracy (certify.bounds.MarginBounder, method crown,
+    one restart) at --eps, and CROWN-verified accuracy (certify.bounds.bounder.MarginBounder, method crown,
     on the baked module, i.e. what the ONNX export holds) at --crown-eps.
 
     python -m benchmarks.prune                                   # defaults below, ~35 min on 2 busy cores
@@ -31,22 +31,18 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/certify.py shares the
-# certify package's name; import the packages, never a sibling script.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import torch
 
-from certify.attacks import PGD
-from certify.bounds import MarginBounder
-from certify.data import load_dataset
-from certify.files import atomic_path
-from certify.progress import say
-from harden.bundle import Bundle, load_bundle, save_bundle
-from harden.export import baked_module
-from harden.prune import PruneConfig, layer_kappas, prunable_layers, prune
-from harden.train import accuracy, train_clean
-from harden.zoo import ARCHITECTURES
+from certify.attacks.gradient import PGD
+from certify.bounds.bounder import MarginBounder
+from certify.data.datasets import load_dataset
+from certify.common.files import atomic_path
+from certify.common.progress import say
+from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.export import baked_module
+from harden.pruning.prune import PruneConfig, layer_kappas, prunable_layers, prune
+from harden.training.train import accuracy, train_clean
+from harden.io.zoo import ARCHITECTURES
 
 SHAPE = (1, 28, 28)
 

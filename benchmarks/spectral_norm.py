@@ -1,4 +1,4 @@
-"""Benchmark of spectral normalization of the true conv operator (harden.spectral).
+"""Benchmark of spectral normalization of the true conv operator (harden.layers.spectral).
 
 1. Cost: the time of one training step (forward, cross-entropy, backward, Adam step; batch 128,
    MNIST-shaped) with spectral normalization (1 power iteration per step) against the same step
@@ -27,20 +27,16 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, Python puts benchmarks/ first on sys.path, where benchmarks/certify.py shares the
-# certify package's name; import the packages, never a sibling script.
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import torch
 import torch.nn.functional as F
 from rich.table import Table
 from torch import nn
 
-from certify.files import atomic_path
-from certify.progress import console
-from harden.norms import conv_operator_matrix, operator_spectral_norm
-from harden.spectral import apply_spectral_norm
-from harden.zoo import mlp, small_cnn
+from certify.common.files import atomic_path
+from certify.common.progress import console
+from harden.layers.norms import conv_operator_matrix, operator_spectral_norm
+from harden.layers.spectral import apply_spectral_norm
+from harden.io.zoo import mlp, small_cnn
 
 SHAPE = (1, 28, 28)
 EXPLICIT_LIMIT = 6_000_000  # matrix entries up to which the exact norm is also computed
@@ -126,13 +122,13 @@ def layer_ratios(model: nn.Module, input_shape: tuple[int, ...]) -> list[dict]:
 
 def trained_model(checkpoint: str | None, epochs: int, train_limit: int | None) -> tuple[nn.Module, tuple, dict]:
     if checkpoint:
-        from harden.loading import load_model
+        from harden.io.loading import load_model
 
         bundle = load_model(checkpoint)
         return bundle.module, tuple(bundle.input_shape), {"checkpoint": checkpoint}
-    from certify.data import load_dataset
-    from harden.bundle import Bundle
-    from harden.train import train_clean
+    from certify.data.datasets import load_dataset
+    from harden.io.bundle import Bundle
+    from harden.training.train import train_clean
 
     train = load_dataset("mnist", split="train").subset(train_limit)
     test = load_dataset("mnist", split="test").subset(2000)
@@ -145,7 +141,7 @@ def trained_model(checkpoint: str | None, epochs: int, train_limit: int | None) 
 
 def batch(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     try:
-        from certify.data import load_dataset
+        from certify.data.datasets import load_dataset
 
         data = load_dataset("mnist", split="train")
         x, y = data.x[:128], data.y[:128]

@@ -7,94 +7,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperCommand
 
-from certify.errors import UserError
-from certify.progress import console
+from certify.common.cli import OneLineUsageErrors, parse_floats, run_cli
+from certify.common.errors import UserError
+from certify.common.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Certify the robustness of a classifier: per sample verified, falsified or unknown.")
 
 
-try:  # typer vendors click from 0.17 on; older releases use the click package
-    from typer._click.exceptions import UsageError as _UsageError
-except ImportError:  # pragma: no cover
-    from click.exceptions import UsageError as _UsageError
-
-BUG_REPORT = "https://github.com/harden-certify/harden/issues"
-
-
-def run_cli(function, debug: bool) -> None:
-    """Run a command body; every failure becomes one line (the traceback only with --debug).
-
-    A UserError (bad input the user can fix) exits with code 2. Anything else is a bug in this
-    tool: one line that names the exception and where to report it, exit code 3.
-    """
-    try:
-        function()
-    except typer.Exit:
-        raise
-    except UserError as error:
-        if debug:
-            raise
-        error_line(str(error))
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        error_line("interrupted -- no output was written; run the command again")
-        raise typer.Exit(130)
-    except MemoryError:
-        if debug:
-            raise
-        error_line("out of memory -- lower --batch-size or --limit, or use a machine with more memory")
-        raise typer.Exit(2)
-    except Exception as error:  # noqa: BLE001 -- the last line of defence against tracebacks
-        if debug:
-            raise
-        first = str(error).splitlines()[0][:300] if str(error) else ""
-        error_line(f"internal error ({type(error).__name__}{': ' + first if first else ''}) -- this is a bug; "
-                    f"please report it at {BUG_REPORT} with the output of the same command run with --debug")
-        raise typer.Exit(3)
-
-
-def error_line(message: str) -> None:
-    # soft_wrap: the message stays ONE line whatever the terminal width (scripts grep it).
-    from rich.markup import escape
-
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-
-
-def parse_floats(text: Optional[str], option: str) -> Optional[list[float]]:
-    if text is None:
-        return None
-    try:
-        return [float(part) for part in text.split(",")]
-    except ValueError:
-        raise UserError(f"{option} '{text}' is not a comma-separated list of numbers", f"e.g. {option} 0.1307") from None
-
-
-class _OneLineUsageErrors(TyperCommand):
-    """Usage errors (an unknown option, a value that is not a number) as the one line that every
-    other error is: `error: what -- hint`, exit code 2 (click prints a usage block instead)."""
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent=parent, **extra)
-        except _UsageError as error:
-            if type(error).__name__ == "NoArgsIsHelpError":  # no arguments: the help is the answer
-                raise
-            error_line(usage_error_message(error, "certify"))
-            raise typer.Exit(2) from None
-
-
-def usage_error_message(error, program: str) -> str:
-    """A click usage error as one line that says where the help is."""
-    command = error.ctx.command_path if getattr(error, "ctx", None) is not None else program
-    return f"{' '.join(error.format_message().split())} -- see '{command} --help'"
-
-
-@app.command(cls=_OneLineUsageErrors)
+@app.command(cls=OneLineUsageErrors)
 def main_command(
     model: Optional[Path] = typer.Argument(None, help="ONNX model to certify (from `harden export`, or third-party with --data); may be left out with --vnnlib instances.csv."),
     eps: list[float] = typer.Option([], "--eps", help="l-infinity radius in pixel units; repeat for several."),
@@ -132,7 +54,7 @@ def main_command(
     report_path = None if json_out is None or to_stdout else json_out
 
     def body():
-        from certify.report import check_fail_under, validate_fail_under
+        from certify.reports.report import check_fail_under, validate_fail_under
 
         methods = parse_methods(method)
         validate_fail_under(fail_under, bool(eps), bool(vnnlib))
@@ -149,8 +71,8 @@ def main_command(
                 failed.append(reason)
 
     def _certify_dataset(model_path: Path, methods, means, stds):
-        from certify.engine import certify_model, check_run_options
-        from certify.report import radius_table, report_document, summary_table
+        from certify.verdicts.dataset import certify_model, check_run_options
+        from certify.reports.report import radius_table, report_document, summary_table
 
         if cex_dir is not None:
             raise UserError("--cex-dir applies to --vnnlib runs only", "leave it out, or give --vnnlib")
@@ -186,8 +108,8 @@ def main_command(
         return run
 
     def _check_vnnlib(model_path: Optional[Path], methods, means, stds):
-        from certify.report import vnnlib_document, vnnlib_property_table, vnnlib_table
-        from certify.vnnlib_check import check_properties, check_vnnlib_options, write_counterexamples
+        from certify.reports.report import vnnlib_document, vnnlib_property_table, vnnlib_table
+        from certify.verdicts.vnnlib_check import check_properties, check_vnnlib_options, write_counterexamples
 
         not_applying = [name for name, given in (("--eps", bool(eps)), ("--radius", radius),
                                                  ("--radius-tol", radius_tol is not None),
@@ -250,7 +172,7 @@ def main_command(
     def _check_outputs(inputs, *, cex: bool) -> None:
         """Every output: not an input, not a folder, in a folder that can be written; and no two
         outputs on one path. Run before any certification work."""
-        from certify.files import check_output_path
+        from certify.common.files import check_output_path
 
         inputs = [i for i in inputs if i is not None]
         for option, path in (("--json", report_path), ("--plot", plot)):
@@ -260,7 +182,7 @@ def main_command(
         if report_path is not None:
             check_output_path(report_path, inputs, option="--json")
         if plot is not None:
-            from certify.plot import PLOT_SUFFIXES, check_plot_path
+            from certify.reports.plot import PLOT_SUFFIXES, check_plot_path
 
             check_plot_path(plot)
             check_output_path(plot, inputs, option="--plot", suffixes=PLOT_SUFFIXES)
@@ -281,7 +203,7 @@ def main_command(
         import contextlib
         import json
 
-        from certify.files import atomic_path
+        from certify.common.files import atomic_path
 
         targets = [p for p in (report_path, plot if run is not None else None) if p is not None]
         if not targets:
@@ -292,7 +214,7 @@ def main_command(
                 if report_path is not None:
                     temporary[report_path].write_text(json.dumps(document, indent=1))
                 if plot is not None and run is not None:
-                    from certify.plot import draw_plot
+                    from certify.reports.plot import draw_plot
 
                     draw_plot(run, temporary[plot], plot.suffix.lower().lstrip("."))
         except OSError as error:
@@ -306,7 +228,7 @@ def main_command(
 
 
 def _is_path(text: str) -> bool:
-    from certify.data import KNOWN_DATASETS
+    from certify.data.datasets import KNOWN_DATASETS
 
     if text.lower() in KNOWN_DATASETS:
         return False
@@ -327,7 +249,7 @@ def _check_counterexample_names(folder: Path, pairs, inputs) -> None:
     """The counterexample files a run may write: none may be an input or stand where a folder is."""
     import os
 
-    from certify.vnnlib_check import counterexample_name
+    from certify.verdicts.vnnlib_check import counterexample_name
 
     if not folder.is_dir():
         return  # created by the run: nothing stands in the way
@@ -346,7 +268,7 @@ def _check_counterexample_names(folder: Path, pairs, inputs) -> None:
 
 
 def parse_methods(text: Optional[str]) -> tuple[str, ...]:
-    from certify.bounds import METHODS
+    from certify.bounds.bounder import METHODS
 
     if text is None:
         return METHODS

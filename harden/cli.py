@@ -8,41 +8,14 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperGroup
 
-try:  # typer >= 0.17 vendors click; its usage errors derive from TyperException
-    from typer.exceptions import TyperException as _UsageProblem
-except ImportError:  # pragma: no cover -- older typer on the click package
-    from click.exceptions import ClickException as _UsageProblem
-
-from certify.cli import error_line, parse_floats, run_cli, usage_error_message
-from certify.errors import UserError
-from certify.files import check_output_path
-from certify.progress import say
+from certify.common.cli import OneLineErrorsGroup, parse_floats, run_cli
+from certify.common.errors import UserError
+from certify.common.files import check_output_path
+from certify.common.progress import say
 
 
-class _OneLineErrors(TyperGroup):
-    """Usage errors (a missing option, a value that is not a number, an unknown option) come out as
-    ONE line with exit code 2, like every other error, instead of typer's framed block."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except _UsageProblem as error:
-            if type(error).__name__ == "NoArgsIsHelpError":  # `harden` alone: the help text
-                error.show()
-                sys.exit(error.exit_code)
-            error_line(usage_error_message(error, "harden"))
-            sys.exit(error.exit_code)
-        except typer.Abort:
-            error_line("aborted -- no output was written")
-            sys.exit(1)
-        sys.exit(result if isinstance(result, int) else 0)
-
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineErrors,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrorsGroup,
                   help="Harden PyTorch classifiers: train, convert (spectral norm), export to ONNX.")
 
 ARCH_HELP = "Architecture for weights-only files: small-cnn, mlp, mlp-elu-512 or package.module:factory."
@@ -67,7 +40,7 @@ def parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 
 def _load(model: Path, arch, trust_pickle: bool, trust_code: bool, input_shape: Optional[tuple[int, ...]]):
-    from harden.loading import load_model
+    from harden.io.loading import load_model
 
     return load_model(model, arch=arch, trust_pickle=trust_pickle, trust_code=trust_code, input_shape=input_shape)
 
@@ -75,7 +48,7 @@ def _load(model: Path, arch, trust_pickle: bool, trust_code: bool, input_shape: 
 def _check_data_name(name: Optional[str]) -> None:
     """--data names a dataset certify knows, or a .npz file / folder that exists (checked before
     anything is loaded or downloaded; reading it comes later)."""
-    from certify.data import KNOWN_DATASETS
+    from certify.data.datasets import KNOWN_DATASETS
 
     if name is None:
         return
@@ -95,7 +68,7 @@ def _data_inputs(data: Optional[str]) -> list[Path]:
 def _check_checkpoints(output: Path, checkpoint_dir: Optional[Path], epochs: int, inputs: list[Path]) -> None:
     """finetune's checkpoint files, checked like every output before any work: OUT.ckpt.safetensors
     next to -o, or --checkpoint-dir/epoch-NNNN.ckpt.safetensors for each epoch."""
-    from harden.finetune import default_checkpoint, epoch_checkpoint
+    from harden.training.finetune import default_checkpoint, epoch_checkpoint
 
     if checkpoint_dir is None:
         try:
@@ -120,8 +93,8 @@ def _training_data(bundle, data: str | None, limit: int | None, log):
     """The train and test splits for fine-tuning or pruning `bundle` (its own dataset unless --data),
     checked against the model before anything is printed; records the dataset in the bundle's
     metadata when it has none."""
-    from certify.data import load_dataset
-    from harden.finetune import check_data
+    from certify.data.datasets import load_dataset
+    from harden.training.finetune import check_data
 
     dataset = data or bundle.data.get("dataset")
     if dataset is None:
@@ -155,10 +128,10 @@ def train(
     """Train a classifier from scratch (clean training): the starting point of the pipeline."""
 
     def body():
-        from certify.data import load_dataset
-        from harden.architecture import build_plain_module, resolve_arch
-        from harden.bundle import Bundle, save_bundle
-        from harden.train import check_common_options, pick_device, seed_everything, train_clean
+        from certify.data.datasets import load_dataset
+        from harden.io.architecture import build_plain_module, resolve_arch
+        from harden.io.bundle import Bundle, save_bundle
+        from harden.training.train import check_common_options, pick_device, seed_everything, train_clean
 
         # Everything that can be wrong with the options, before the data is read (or downloaded).
         check_common_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
@@ -217,7 +190,7 @@ def convert(
     optionally add the WCA noise layer before the final Linear."""
 
     def body():
-        from harden.bundle import save_bundle
+        from harden.io.bundle import save_bundle
         from harden.convert import check_options, convert as convert_bundle, default_output
 
         beta = None if no_spectral_norm else spectral_norm
@@ -263,7 +236,7 @@ def export(
     """Export to ONNX (dynamic batch, certification metadata) and check parity with onnxruntime."""
 
     def body():
-        from harden.export import check_normalization, export_onnx
+        from harden.io.export import check_normalization, export_onnx
 
         means, stds = parse_floats(mean, "--mean"), parse_floats(std, "--std")
         check_normalization(means, stds)  # the channel count once the model is read
@@ -365,10 +338,10 @@ def finetune(
     """Adversarial (fgm, pgd, trades) or certified (ibp, crown-ibp) fine-tuning; runs unchanged under torchrun."""
 
     def body():
-        from harden.bundle import save_bundle
-        from harden.finetune import (FinetuneConfig, check_resume, default_checkpoint, finetune as run_finetune,
+        from harden.io.bundle import save_bundle
+        from harden.training.finetune import (FinetuneConfig, check_resume, default_checkpoint, finetune as run_finetune,
                                      main_process)
-        from harden.train import check_limit, pick_device
+        from harden.training.train import check_limit, pick_device
 
         # Every check that needs no data, in the order a user fixes things: options, outputs, device.
         config = FinetuneConfig(train=train, eps=0.0 if eps is None else eps, norm=norm, epochs=epochs, lr=lr,
@@ -441,9 +414,9 @@ def prune(
     (TSCNC), adversarial fine-tuning in the same loop; masks are baked into the weights on export."""
 
     def body():
-        from harden.bundle import save_bundle
-        from harden.prune import PruneConfig, objective_from_history, prune as run_prune
-        from harden.train import check_limit, pick_device
+        from harden.io.bundle import save_bundle
+        from harden.pruning.prune import PruneConfig, objective_from_history, prune as run_prune
+        from harden.training.train import check_limit, pick_device
 
         config = PruneConfig(sparsity=sparsity, schedule=schedule, prune_steps=1 if schedule == "oneshot" else prune_steps,
                              scope="per-layer" if per_layer else "global", kappa_max=kappa_max,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from certify.errors import UserError
-from harden.bundle import Bundle
+from certify.common.errors import UserError
+from harden.io.bundle import Bundle
 
 DEFAULT_BETA = 4.0  # Farnia et al.'s MNIST grid is {4, 8, 16}; 4 keeps accuracy and still clips every layer we tried.
 LAYER_KINDS = ("conv", "linear")
@@ -20,7 +20,7 @@ def default_output(model_path: str | Path) -> Path:
 def check_options(*, spectral_norm: float | None = DEFAULT_BETA, sn_iters: int = 1,
                   layers: tuple[str, ...] = LAYER_KINDS, noise: str | None = None, noise_dim: int = 32) -> None:
     """Refuse conversion options that cannot work (one-line UserError), before the model is read."""
-    from harden.train import is_finite_number
+    from harden.training.train import is_finite_number
 
     if not layers:
         raise UserError("--layers names no layer kind", f"use a comma-separated subset of {', '.join(LAYER_KINDS)}")
@@ -44,7 +44,7 @@ def convert(bundle: Bundle, *, spectral_norm: float | None = DEFAULT_BETA, sn_it
             noise_dim: int = 32) -> list[dict]:
     """Apply the rewrites to `bundle` in place; returns one record per spectrally normalized layer.
 
-    noise="wca" first puts the WCA noise layer before the final Linear (harden.wca; its record is
+    noise="wca" first puts the WCA noise layer before the final Linear (harden.layers.wca; its record is
     the "wca" recipe step), so that spectral normalization then also covers its Linear layers."""
     layers = tuple(layers)
     check_options(spectral_norm=spectral_norm, sn_iters=sn_iters, layers=layers, noise=noise, noise_dim=noise_dim)
@@ -52,11 +52,11 @@ def convert(bundle: Bundle, *, spectral_norm: float | None = DEFAULT_BETA, sn_it
         raise UserError("this model already has spectral normalization", "convert the original model instead")
     records: list[dict] = []
     if noise is not None:
-        from harden.wca import add_wca
+        from harden.layers.wca import add_wca
 
         bundle.recipe.append({"step": "wca", **add_wca(bundle.module, tuple(bundle.input_shape), noise_dim=noise_dim)})
     if spectral_norm is not None:
-        from harden.spectral import fold_batchnorm, apply_spectral_norm
+        from harden.layers.spectral import fold_batchnorm, apply_spectral_norm
 
         if _has_batchnorm(bundle.module):
             # BatchNorm is folded into the layer before it, so the clipped norm is the block's real gain.

@@ -10,7 +10,7 @@ parametrization, i.e. the weight the model uses):
     the exact value from that matrix, labelled so;
   - the exact l1 and linf operator norms (norms.l1_norm / linf_norm) on that input size;
   - the condition number of the weight matrix (a kernel as C_out x C_in*kh*kw) and its sparsity;
-    inf for a rank-deficient matrix, and for a pruned one also that of its live part (harden.prune).
+    inf for a rank-deficient matrix, and for a pruned one also that of its live part (harden.pruning.prune).
 
 Lipschitz bounds. For a network that is a chain of layers, ||f(x) - f(x')|| <= prod_i L_i ||x - x'||
 where L_i is each layer's Lipschitz constant in that norm: the operator norm of a Conv2d / Linear
@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from certify.errors import UserError
-from harden.norms import (ConvOperator, conv_operator_matrix, effective_weight, l1_norm, linf_norm,
+from certify.common.errors import UserError
+from harden.layers.norms import (ConvOperator, conv_operator_matrix, effective_weight, l1_norm, linf_norm,
                           operator_spectral_norm, sparsity)
-from harden.prune import kappa, live_kappa
-from harden.wca import WCAHead, WCANoise, noise_disabled
+from harden.pruning.prune import kappa, live_kappa
+from harden.layers.wca import WCAHead, WCANoise, noise_disabled
 
 SCHEMA = "harden.inspect/1"
 MAX_ITERS = 2000
@@ -122,7 +122,7 @@ def inspect_bundle(bundle, *, path: str | Path | None = None, max_iters: int = M
              "input_shape": list(bundle.input_shape), "num_classes": bundle.num_classes,
              "recipe": bundle.recipe}
     if path is not None:
-        from certify.files import sha256_file
+        from certify.common.files import sha256_file
 
         model["sha256"] = sha256_file(path)
     return {"schema": document.pop("schema"), "model": model, **document}
@@ -445,7 +445,7 @@ def _bounds(rows: list[dict], why_not: str | None, assumptions: list[str], tol: 
 def write_inspection(document: dict, path: str | Path) -> None:
     import json
 
-    from certify.files import atomic_path
+    from certify.common.files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(document, indent=1))

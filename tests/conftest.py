@@ -17,14 +17,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def mnist_test():
-    from certify.data import load_dataset
+    from certify.data.datasets import load_dataset
 
     return load_dataset("mnist", split="test")
 
 
 @pytest.fixture(scope="session")
 def mnist_train():
-    from certify.data import load_dataset
+    from certify.data.datasets import load_dataset
 
     return load_dataset("mnist", split="train")
 
@@ -33,9 +33,9 @@ def mnist_train():
 def trained_small_cnn(mnist_train, mnist_test):
     """The small CNN after 2 epochs of clean training (about 98.5% test accuracy). Do not modify it:
     copy.deepcopy(bundle.module) first."""
-    from harden.bundle import Bundle
-    from harden.train import train_clean
-    from harden.zoo import small_cnn
+    from harden.io.bundle import Bundle
+    from harden.training.train import train_clean
+    from harden.io.zoo import small_cnn
 
     torch.manual_seed(0)
     bundle = Bundle(small_cnn(), (1, 28, 28), 10, {"kind": "zoo", "name": "small-cnn"},

@@ -12,8 +12,8 @@ from hypothesis import given, settings, strategies as st
 from torch import nn
 from torch.nn import functional as F
 
-from certify.attacks import EOTPGD, FGM, FGSM, PGD, find_adversarial, margin, model_mode
-from certify.errors import UserError
+from certify.attacks.gradient import EOTPGD, FGM, FGSM, PGD, find_adversarial, margin, model_mode
+from certify.common.errors import UserError
 
 
 class NoisyPenultimate(nn.Module):
@@ -122,7 +122,7 @@ def test_find_adversarial_stays_inside_its_box_and_confirms_every_hit(data):
 
 
 def test_attack_runs_in_eval_mode_with_power_iteration_frozen_and_restores_both():
-    from harden.spectral import apply_spectral_norm, spectral_layers
+    from harden.layers.spectral import apply_spectral_norm, spectral_layers
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),

@@ -30,9 +30,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from certify.cli import app
-from certify.errors import UserError
-from certify.onnx_import import import_onnx
-from certify.vnnlib import parse_vnnlib
+from certify.common.errors import UserError
+from certify.onnx_import.reader import import_onnx
+from certify.specs.vnnlib import parse_vnnlib
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 4, 4)  # per-sample input of the test classifier

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from certify.engine import bisection_order, certify_model, graph_normalization
-from certify.verdict import FALSIFIED, VERIFIED
+from certify.verdicts.dataset import bisection_order, certify_model, graph_normalization
+from certify.verdicts.cascade import FALSIFIED, VERIFIED
 
 ROOT = Path(__file__).resolve().parents[1]
 MEAN, STD = 0.1307, 0.3081
@@ -26,7 +26,7 @@ CHEAP = dict(methods=("ibp", "crown"), attack_steps=20, quiet=True)
 
 @pytest.fixture(scope="module")
 def cnn_onnx(trained_small_cnn, tmp_path_factory) -> Path:
-    from harden.export import export_onnx
+    from harden.io.export import export_onnx
 
     path = tmp_path_factory.mktemp("engine") / "cnn.onnx"
     export_onnx(trained_small_cnn, path)
@@ -79,8 +79,8 @@ def test_reuse_across_eps_both_ways(cnn_onnx):
 
 
 def test_radius_bisection(cnn_onnx):
-    from certify.attacks import find_adversarial
-    from certify.data import load_dataset
+    from certify.attacks.gradient import find_adversarial
+    from certify.data.datasets import load_dataset
 
     tol = 0.01
     run = certify_model(cnn_onnx, [0.02], limit=4, batch_size=4, radius=True, radius_tol=tol, radius_max=0.16,
@@ -106,7 +106,7 @@ def test_radius_bisection(cnn_onnx):
     assert summary["median"] == pytest.approx((radii[1] + radii[2]) / 2)
     assert summary["certified_nonzero"] == sum(r > 0 for r in radii) >= 3
     # no adversarial example inside any certified radius
-    from certify.model import load_certifiable
+    from certify.onnx_import.certifiable import load_certifiable
 
     module = load_certifiable(cnn_onnx).module
     labels = torch.tensor([r.label for r in records])
@@ -142,7 +142,7 @@ class _NormalizesItself(_ExpectsNormalized):
 def test_normalization_outside_and_inside_the_graph(trained_small_cnn, cnn_onnx, tmp_path):
     import copy
 
-    from harden.export import module_to_onnx_bytes
+    from harden.io.export import module_to_onnx_bytes
 
     inner = copy.deepcopy(trained_small_cnn.module).eval()
     expects = tmp_path / "expects_normalized.onnx"

@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from certify.bounds import MarginBounder, empirical_margins, margin_matrix
-from certify.compat import applied_patches, auto_lirpa_version, lirpa
-from harden.zoo import small_cnn
+from certify.bounds.bounder import MarginBounder, empirical_margins, margin_matrix
+from certify.bounds.compat import applied_patches, auto_lirpa_version, lirpa
+from harden.io.zoo import small_cnn
 
 
 class ResidualCNN(nn.Module):

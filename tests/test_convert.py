@@ -11,14 +11,14 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from harden.bundle import Bundle, load_bundle, save_bundle
+from harden.io.bundle import Bundle, load_bundle, save_bundle
 from harden.cli import app
 from harden.convert import DEFAULT_BETA, convert
-from harden.loading import load_model
-from harden.norms import conv_operator_matrix
-from harden.spectral import spectral_layers
-from harden.train import accuracy
-from harden.zoo import small_cnn
+from harden.io.loading import load_model
+from harden.layers.norms import conv_operator_matrix
+from harden.layers.spectral import spectral_layers
+from harden.training.train import accuracy
+from harden.io.zoo import small_cnn
 
 runner = CliRunner()
 

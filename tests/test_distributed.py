@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from harden.bundle import Bundle, load_bundle, save_bundle
+from harden.io.bundle import Bundle, load_bundle, save_bundle
 from harden.cli import app
-from harden.finetune import default_checkpoint
-from harden.zoo import small_cnn
+from harden.training.finetune import default_checkpoint
+from harden.io.zoo import small_cnn
 
 # 300 samples in global batches of 63: shards of 32 and 31, and a last batch of 48, so the loss
 # scaling of uneven shards is exercised too.

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from certify.errors import UserError
-from harden.bundle import Bundle, save_bundle
-from harden.export import PARITY_ATOL, export_onnx
-from harden.zoo import mlp
+from certify.common.errors import UserError
+from harden.io.bundle import Bundle, save_bundle
+from harden.io.export import PARITY_ATOL, export_onnx
+from harden.io.zoo import mlp
 
 
 def test_export_runs_in_onnxruntime_with_metadata(tmp_path, trained_small_cnn, mnist_test):

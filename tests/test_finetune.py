@@ -12,15 +12,15 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from certify.bounds import MarginBounder
-from certify.data import Dataset
-from harden.bundle import Bundle, load_bundle, save_bundle
+from certify.bounds.bounder import MarginBounder
+from certify.data.datasets import Dataset
+from harden.io.bundle import Bundle, load_bundle, save_bundle
 from harden.cli import app
 from harden.convert import convert
-from harden.finetune import FinetuneConfig, default_checkpoint, evaluate, finetune
-from harden.norms import operator_spectral_norm
-from harden.objectives import BoundGraph, bound_loss, eps_at, ramp_fraction
-from harden.spectral import spectral_layers
+from harden.training.finetune import FinetuneConfig, default_checkpoint, evaluate, finetune
+from harden.layers.norms import operator_spectral_norm
+from harden.training.objectives import BoundGraph, bound_loss, eps_at, ramp_fraction
+from harden.layers.spectral import spectral_layers
 
 SHAPE = (1, 28, 28)
 CPU = torch.device("cpu")
@@ -30,8 +30,8 @@ CPU = torch.device("cpu")
 def base(mnist_train, mnist_test) -> Bundle:
     """A small CNN clean-trained on 8,000 images (about 94% test accuracy): cheap, and as
     non-robust as any clean model. Deep-copy before changing it."""
-    from harden.train import train_clean
-    from harden.zoo import small_cnn
+    from harden.training.train import train_clean
+    from harden.io.zoo import small_cnn
 
     torch.manual_seed(0)
     bundle = Bundle(small_cnn(), SHAPE, 10, {"kind": "zoo", "name": "small-cnn"},
@@ -186,7 +186,7 @@ def test_resume_ends_on_exactly_the_same_weights(base, mnist_train, tmp_path):
 
 
 def test_resume_with_other_settings_is_refused(base, mnist_train, tmp_path):
-    from certify.errors import UserError
+    from certify.common.errors import UserError
 
     train = mnist_train.subset(64)
     checkpoint = tmp_path / "c.ckpt.safetensors"
@@ -197,7 +197,7 @@ def test_resume_with_other_settings_is_refused(base, mnist_train, tmp_path):
 
 
 def test_layer_regularizers_join_the_loss(base, mnist_train):
-    from harden.wca import add_wca, wca_heads
+    from harden.layers.wca import add_wca, wca_heads
 
     model = copy.deepcopy(base)
     add_wca(model.module, SHAPE)

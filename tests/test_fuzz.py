@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from certify.compat import lirpa
-from certify.errors import UserError
-from certify.onnx_import import import_onnx
-from certify.vnnlib import parse_vnnlib
+from certify.bounds.compat import lirpa
+from certify.common.errors import UserError
+from certify.onnx_import.reader import import_onnx
+from certify.specs.vnnlib import parse_vnnlib
 
 # A complete robustness property of the usual VNN-COMP shape: 4 inputs, 3 outputs, an OR of ANDs.
 SEED_PROPERTY = """; a small robustness property

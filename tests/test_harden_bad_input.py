@@ -22,10 +22,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from certify.errors import UserError
-from harden.bundle import Bundle, save_bundle
+from certify.common.errors import UserError
+from harden.io.bundle import Bundle, save_bundle
 from harden.cli import app
-from harden.zoo import small_cnn
+from harden.io.zoo import small_cnn
 
 SHAPE = (1, 8, 8)
 MODEL_COMMANDS = ("convert", "export", "inspect", "finetune", "prune")
@@ -33,10 +33,10 @@ COMMANDS = ("train", *MODEL_COMMANDS)
 TRAINING = ("train", "finetune", "prune")
 SUFFIX = {"export": ".onnx", "inspect": ".json"}
 # The first piece of real work of each command (replaced in the tests by a loud failure).
-WORK = {"train": "harden.train.train_clean", "convert": "harden.convert.convert",
-        "export": "harden.export.export_onnx", "inspect": "harden.inspect.inspect_bundle",
-        "finetune": "harden.finetune._run", "prune": "harden.prune.attach_masks"}
-LOADERS = {"model": "harden.loading.load_model", "data": "certify.data.load_dataset"}
+WORK = {"train": "harden.training.train.train_clean", "convert": "harden.convert.convert",
+        "export": "harden.io.export.export_onnx", "inspect": "harden.inspect.inspect_bundle",
+        "finetune": "harden.training.finetune._run", "prune": "harden.pruning.prune.attach_masks"}
+LOADERS = {"model": "harden.io.loading.load_model", "data": "certify.data.datasets.load_dataset"}
 
 
 def invoke(args) -> tuple[int, str]:
@@ -158,7 +158,7 @@ def test_output_in_a_folder_where_creating_a_file_fails(command, files, tmp_path
         return real(*args, prefix=prefix, dir=dir, **kwargs)
 
     (tmp_path / "ro").mkdir()
-    monkeypatch.setattr("certify.files.tempfile.mkstemp", read_only)
+    monkeypatch.setattr("certify.common.files.tempfile.mkstemp", read_only)
     args = good(command, files, tmp_path / "ro" / f"out{_suffix(command)}")
     line = refused(args, "cannot be written")
     assert "Permission denied" in line
@@ -232,7 +232,7 @@ def test_inspect_json_to_stdout_needs_no_file(files):
     assert code == 0 and '"layers"' in output
 
 
-# --- the device: one check (certify.distributed.device_kind) ----------------------------------------------
+# --- the device: one check (certify.common.distributed.device_kind) ----------------------------------------------
 
 BAD_DEVICES = ["gpu", "tpu", "cuda:x", "", "mps", "cpu:1", f"cuda:{torch.cuda.device_count()}"]
 
@@ -245,8 +245,8 @@ def test_bad_device(command, device, files, tmp_path, refused):
 
 @pytest.mark.parametrize("device", BAD_DEVICES)
 def test_device_kind_is_the_one_check(device):
-    from certify.distributed import device_kind
-    from harden.train import pick_device
+    from certify.common.distributed import device_kind
+    from harden.training.train import pick_device
 
     with pytest.raises(UserError, match="--device"):
         device_kind(device)
@@ -386,7 +386,7 @@ def test_bad_value_for_this_model(command, extra, message, files, tmp_path, refu
 
 
 def test_one_normalization_value_is_broadcast_to_every_channel():
-    from harden.export import check_normalization
+    from harden.io.export import check_normalization
 
     check_normalization([0.5], [0.25], (3, 32, 32))              # one value for all three channels
     check_normalization([0.4, 0.5, 0.6], [0.2, 0.2, 0.2], (3, 32, 32))
@@ -458,7 +458,7 @@ def test_trust_code_is_passed_to_load_model(command, files, tmp_path, monkeypatc
         seen.append(options["trust_code"])
         raise UserError("stopped after loading", "test")
 
-    monkeypatch.setattr("harden.loading.load_model", load_model)
+    monkeypatch.setattr("harden.io.loading.load_model", load_model)
     args = good(command, files, tmp_path / f"out{_suffix(command)}")
     for flag, expected in (([], False), (["--trust-code"], True)):
         code, output = invoke([*args, *flag])
@@ -472,8 +472,8 @@ def test_trust_code_is_passed_to_load_model(command, files, tmp_path, monkeypatc
 
 def test_config_validate_refuses_before_any_data():
     from harden.convert import check_options
-    from harden.finetune import FinetuneConfig
-    from harden.prune import PruneConfig
+    from harden.training.finetune import FinetuneConfig
+    from harden.pruning.prune import PruneConfig
 
     for config in (FinetuneConfig(lr=math.nan), FinetuneConfig(batch_size=0), FinetuneConfig(eval_limit=0),
                    FinetuneConfig(train="clean", epochs=2, eps_ramp_epochs=3), FinetuneConfig(train="pgd")):

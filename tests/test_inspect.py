@@ -11,14 +11,14 @@ import torch.fx as fx
 from torch import nn
 from typer.testing import CliRunner
 
-from harden.bundle import Bundle, save_bundle
+from harden.io.bundle import Bundle, save_bundle
 from harden.cli import app
 from harden.convert import convert
-from harden.export import export_onnx
+from harden.io.export import export_onnx
 from harden.inspect import MAX_ITERS, TOLERANCE, inspect_model
-from harden.norms import (condition_number, conv_operator_matrix, l1_norm, linf_norm,
+from harden.layers.norms import (condition_number, conv_operator_matrix, l1_norm, linf_norm,
                           operator_spectral_norm, sparsity)
-from harden.zoo import small_cnn
+from harden.io.zoo import small_cnn
 
 SHAPE = (1, 14, 14)
 

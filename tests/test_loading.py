@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from certify.errors import UserError
-from harden.bundle import Bundle, load_bundle, save_bundle
-from harden.export import module_to_onnx_bytes
-from harden.loading import detect_format, load_model
-from harden.zoo import small_cnn
+from certify.common.errors import UserError
+from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.export import module_to_onnx_bytes
+from harden.io.loading import detect_format, load_model
+from harden.io.zoo import small_cnn
 
 HERE = Path(__file__).parent
 
@@ -63,7 +63,7 @@ def test_bare_safetensors_with_arch(tmp_path, reference):
 def test_user_factory_arch(tmp_path, reference, monkeypatch):
     module, x, y = reference
     (tmp_path / "my_arch.py").write_text(
-        "from harden.zoo import small_cnn\n\ndef build():\n    return small_cnn()\n")
+        "from harden.io.zoo import small_cnn\n\ndef build():\n    return small_cnn()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     path = tmp_path / "weights.pt"
     torch.save(module.state_dict(), path)

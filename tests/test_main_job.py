@@ -22,7 +22,7 @@ def test_main_job_end_to_end(tmp_path):
                  "model.onnx", "report.json", "report.png"):
         assert (out / name).is_file(), name
     # every step left its record in the model that went on to the next one
-    from harden.loading import load_model
+    from harden.io.loading import load_model
 
     pruned = load_model(out / "model.pruned.safetensors")
     runs = [record["run"] for record in pruned.history]
@@ -39,7 +39,7 @@ def test_main_job_end_to_end(tmp_path):
 
     report = json.loads((out / "report.json").read_text())
     assert [r["eps"] for r in report["results"]] == [0.01, 0.05, 0.1]
-    from certify.files import sha256_file
+    from certify.common.files import sha256_file
 
     assert report["model"]["sha256"] == sha256_file(out / "model.onnx")
     assert report["spec"]["methods"] == ["ibp", "crown"] and report["spec"]["dataset"] == "mnist"

@@ -24,12 +24,12 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-from certify.errors import UserError
-from harden.bundle import Bundle, save_bundle
+from certify.common.errors import UserError
+from harden.io.bundle import Bundle, save_bundle
 from harden.cli import app
-from harden.export import module_to_onnx_bytes
-from harden.loading import load_model
-from harden.zoo import small_cnn
+from harden.io.export import module_to_onnx_bytes
+from harden.io.loading import load_model
+from harden.io.zoo import small_cnn
 
 runner = CliRunner()
 COMMANDS = {
@@ -425,7 +425,7 @@ def _factory_module(tmp_path: Path, name: str, body: str = "") -> tuple[Path, Pa
     imported, called = tmp_path / f"{name}_imported", tmp_path / f"{name}_called"
     (tmp_path / f"{name}.py").write_text(
         "import pathlib\n"
-        "from harden.zoo import small_cnn\n"
+        "from harden.io.zoo import small_cnn\n"
         f"pathlib.Path({str(imported)!r}).touch()\n\n"
         "def build():\n"
         f"    pathlib.Path({str(called)!r}).touch()\n"
@@ -739,7 +739,7 @@ def test_deeply_nested_metadata_json_is_refused_after_auto_lirpa_raised_the_recu
     # C stack (a segfault) on deep nesting unless the depth is bounded before parsing.
     import sys
 
-    from certify.compat import lirpa
+    from certify.bounds.compat import lirpa
 
     lirpa()  # importing auto_LiRPA raises the limit
 

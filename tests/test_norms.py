@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from certify.errors import UserError
+from certify.common.errors import UserError
 from conv_layers import conv_configs  # tests/conv_layers.py
-from harden.norms import (NormDecay, condition_number, conv_operator_matrix, l1_norm, linf_norm,
+from harden.layers.norms import (NormDecay, condition_number, conv_operator_matrix, l1_norm, linf_norm,
                           operator_spectral_norm, sparsity)
 
 CONFIGS = conv_configs()

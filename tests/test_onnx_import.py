@@ -15,9 +15,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from certify.compat import lirpa
-from certify.errors import UserError
-from certify.onnx_import import SUPPORTED_OPS, check_against_onnxruntime, import_onnx
+from certify.bounds.compat import lirpa
+from certify.common.errors import UserError
+from certify.onnx_import.reader import SUPPORTED_OPS, check_against_onnxruntime, import_onnx
 
 VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"  # shared/ lies beside the checkout
 # A checkout without shared/ beside it runs the tests on our own models only.

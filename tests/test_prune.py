@@ -16,16 +16,16 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from certify.errors import UserError
-from harden.bundle import Bundle, load_bundle, save_bundle
-from harden.export import PARITY_ATOL, export_onnx
-from harden.norms import effective_weight
-from harden.prune import (PruneConfig, attach_masks, condition_hinge, condition_logdet, cubic_sparsity, kappa,
+from certify.common.errors import UserError
+from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.export import PARITY_ATOL, export_onnx
+from harden.layers.norms import effective_weight
+from harden.pruning.prune import (PruneConfig, attach_masks, condition_hinge, condition_logdet, cubic_sparsity, kappa,
                           layer_kappas, live_kappa, magnitude_masks, objective_from_history, prunable_layers, prune,
                           pruning_events, transformed_l1)
-from harden.spectral import apply_spectral_norm
-from harden.train import train_clean
-from harden.zoo import mlp, small_cnn
+from harden.layers.spectral import apply_spectral_norm
+from harden.training.train import train_clean
+from harden.io.zoo import mlp, small_cnn
 
 
 def _zeros(model: nn.Module) -> dict[str, tuple[int, int]]:

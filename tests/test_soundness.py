@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from certify.attacks import find_adversarial
-from certify.bounds import MarginBounder, empirical_margins, margin_matrix
-from certify.data import load_dataset
-from certify.engine import certify_model
-from certify.model import load_certifiable
-from certify.verdict import FALSIFIED, VERIFIED, lower_bounds
+from certify.attacks.gradient import find_adversarial
+from certify.bounds.bounder import MarginBounder, empirical_margins, margin_matrix
+from certify.data.datasets import load_dataset
+from certify.verdicts.dataset import certify_model
+from certify.onnx_import.certifiable import load_certifiable
+from certify.verdicts.cascade import FALSIFIED, VERIFIED, lower_bounds
 
 EPS = [0.02, 0.06]
 SAMPLES = 8
@@ -24,7 +24,7 @@ RANDOM_POINTS = 10_000
 
 @pytest.fixture(scope="module")
 def cnn_onnx(trained_small_cnn, tmp_path_factory) -> Path:
-    from harden.export import export_onnx
+    from harden.io.export import export_onnx
 
     path = tmp_path_factory.mktemp("soundness") / "cnn.onnx"
     export_onnx(trained_small_cnn, path)

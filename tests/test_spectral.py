@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from certify.errors import UserError
+from certify.common.errors import UserError
 from conv_layers import conv_configs  # tests/conv_layers.py
-from harden.norms import LinearOperator, conv_operator_matrix, effective_weight
-from harden.spectral import (OperatorSpectralNorm, apply_spectral_norm, bake, fold_batchnorm,
+from harden.layers.norms import LinearOperator, conv_operator_matrix, effective_weight
+from harden.layers.spectral import (OperatorSpectralNorm, apply_spectral_norm, bake, fold_batchnorm,
                              frozen_power_iteration, spectral_layers)
 
 BETA = 1.0

@@ -13,8 +13,8 @@ import onnxruntime
 import pytest
 import torch
 
-from certify.vnnlib import parse_vnnlib, read_counterexample
-from certify.vnnlib_check import SAT, UNSAT, check_properties, write_counterexamples
+from certify.specs.vnnlib import parse_vnnlib, read_counterexample
+from certify.verdicts.vnnlib_check import SAT, UNSAT, check_properties, write_counterexamples
 
 VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"
 IMAGE_SETS = ("mnistfc", "verivital_mnist_conv")
@@ -145,7 +145,7 @@ def test_two_gloo_ranks_check_the_properties_of_one_process(tmp_path):
 
 
 def test_bad_device_is_a_user_error():
-    from certify.errors import UserError
+    from certify.common.errors import UserError
 
     with pytest.raises(UserError, match="--device"):
         check_properties(None, [VNNCOMP / "vnncomp_test_tiny" / "instances.csv"], device="tpu", quiet=True)

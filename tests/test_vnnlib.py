@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from certify.errors import UserError
-from certify.vnnlib import (
+from certify.common.errors import UserError
+from certify.specs.vnnlib import (
     find_properties,
     parse_vnnlib,
     read_counterexample,

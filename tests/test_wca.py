@@ -15,15 +15,15 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from certify.errors import UserError
-from harden.bundle import Bundle, load_bundle, save_bundle
+from certify.common.errors import UserError
+from harden.io.bundle import Bundle, load_bundle, save_bundle
 from harden.cli import app
 from harden.convert import convert
-from harden.export import export_onnx
-from harden.loading import load_model
-from harden.wca import (DIAGONAL_FLOOR, WCAHead, WCANoise, add_wca, find_logit_layer, noise_disabled,
+from harden.io.export import export_onnx
+from harden.io.loading import load_model
+from harden.layers.wca import (DIAGONAL_FLOOR, WCAHead, WCANoise, add_wca, find_logit_layer, noise_disabled,
                         wca_heads)
-from harden.zoo import small_cnn
+from harden.io.zoo import small_cnn
 
 SHAPE = (1, 28, 28)
 

@@ -1,0 +1,101 @@
+"""What is being certified: the eps ball, the input range and the input normalization.
+
+Everything is stated in PIXEL space ([0, 1] by default), as users think of eps. When the model
+expects normalized inputs, `with_normalization` puts the (x - mean) / std in front of the model, so
+the box in pixel space is mapped exactly (auto_LiRPA bounds through the affine map).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from certify.common.errors import UserError
+from certify.onnx_import.metadata import parse_harden_data
+
+
+@dataclass
+class InputSpec:
+    input_range: tuple[float, float] = (0.0, 1.0)
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    norm: str = "inf"
+    classes: list[str] = field(default_factory=list)
+    dataset: str | None = None
+
+    def check_eps(self, eps: float, option: str = "eps") -> None:
+        low, high = self.input_range
+        if not (eps > 0 and eps <= high - low) or eps != eps:
+            raise UserError(f"{option} {eps} is out of range",
+                            f"give 0 < {option.lstrip('-')} <= {high - low:g} (the width of the input range, in pixel units)")
+
+    def box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The l-infinity ball of radius eps around x, clipped to the valid input range."""
+        low, high = self.input_range
+        return (x - eps).clamp(low, high), (x + eps).clamp(low, high)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, as a traceable module for auto_LiRPA."""
+
+    def __init__(self, mean: list[float], std: list[float], channels_dim: int):
+        super().__init__()
+        shape = [1, -1] + [1] * (channels_dim - 2)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(shape))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(shape))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def check_normalization(mean: list[float] | None, std: list[float] | None,
+                        input_shape: tuple[int, ...] | None = None, *, source: str = "--mean/--std") -> None:
+    """Finite means, finite positive stds, and one value or one per input channel (when the
+    per-sample input shape is known); a UserError naming `source` otherwise."""
+    for name, values in (("mean", mean), ("std", std)):
+        if values is None:
+            continue
+        label = f"--{name}" if source == "--mean/--std" else f"{source} {name}"
+        if len(values) == 0:
+            raise UserError(f"{label} gives no values", "give one value, or one per channel")
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"{label} {_numbers(values)} is not a finite number", "give finite numbers, e.g. 0.1307")
+        if name == "std" and any(v <= 0 for v in values):
+            raise UserError(f"{label} {_numbers(values)} has a value <= 0", "give positive standard deviations")
+    if input_shape is not None:
+        channels = input_shape[0] if len(input_shape) >= 3 else 1
+        for name, values in (("mean", mean), ("std", std)):
+            if values is not None and len(values) not in (1, channels):
+                label = f"--{name}" if source == "--mean/--std" else f"{source} {name}"
+                raise UserError(f"{label} gives {len(values)} values for a model with {channels} input channel(s) "
+                                f"(input shape {list(input_shape)})", "give one value, or one per channel")
+
+
+def _numbers(values: list[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def with_normalization(module: nn.Module, spec: InputSpec, input_shape: tuple[int, ...]) -> nn.Module:
+    if spec.mean is None and spec.std is None:
+        return module
+    check_normalization(spec.mean, spec.std, input_shape)
+    mean = spec.mean if spec.mean is not None else [0.0]
+    std = spec.std if spec.std is not None else [1.0]
+    return nn.Sequential(Normalize(mean, std, len(input_shape) + 1), module).eval()
+
+
+def spec_from_metadata(metadata: dict[str, str]) -> InputSpec | None:
+    """The spec `harden export` recorded in the ONNX metadata, or None for a third-party file."""
+    raw = metadata.get("harden.data")
+    if not raw:
+        return None
+    data = parse_harden_data(raw)
+    return InputSpec(input_range=tuple(float(v) for v in data.get("input_range", (0.0, 1.0))),
+                     mean=data.get("mean"), std=data.get("std"), classes=list(data.get("classes", [])),
+                     dataset=data.get("dataset"))

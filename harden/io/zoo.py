@@ -1,0 +1,48 @@
+"""Built-in architectures, selectable by name (`--arch small-cnn`).
+
+A user's own architecture is named `package.module:factory` instead (see `harden.io.loading`).
+Factories take the per-sample input shape (C, H, W) and the number of classes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+
+def small_cnn(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """Two strided convs and two dense layers: the usual small certification benchmark CNN."""
+    channels, height, width = input_shape
+    flat = 32 * ((height + 3) // 4) * ((width + 3) // 4)
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(flat, 100), nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
+def mlp(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """Two hidden layers of 256 ReLU units."""
+    inputs = input_shape[0] * input_shape[1] * input_shape[2]
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(inputs, 256), nn.ReLU(),
+        nn.Linear(256, 256), nn.ReLU(),
+        nn.Linear(256, num_classes),
+    )
+
+
+def mlp_elu_512(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """Farnia et al.'s MNIST MLP: one hidden layer of 512 ELU units."""
+    inputs = input_shape[0] * input_shape[1] * input_shape[2]
+    return nn.Sequential(nn.Flatten(), nn.Linear(inputs, 512), nn.ELU(), nn.Linear(512, num_classes))
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
+    "small-cnn": small_cnn,
+    "mlp": mlp,
+    "mlp-elu-512": mlp_elu_512,
+}
