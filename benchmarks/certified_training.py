@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
 
     from certify.data.datasets import load_dataset
-    from harden.io.bundle import Bundle, save_bundle
+    from harden.io.bundle import Bundle
+    from harden.io.bundle_file import save_bundle
     from harden.training.finetune import FinetuneConfig, evaluate, finetune
     from harden.training.train import train_clean
     from harden.io.zoo import small_cnn

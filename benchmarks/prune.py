@@ -38,9 +38,11 @@ from certify.bounds.bounder import MarginBounder
 from certify.data.datasets import load_dataset
 from certify.common.files import atomic_path
 from certify.common.progress import say
-from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.bundle import Bundle
+from harden.io.bundle_file import load_bundle, save_bundle
 from harden.io.export import baked_module
-from harden.pruning.prune import PruneConfig, layer_kappas, prunable_layers, prune
+from harden.pruning.prune import PruneConfig, layer_kappas, prune
+from harden.layers.masks import prunable_layers
 from harden.training.train import accuracy, train_clean
 from harden.io.zoo import ARCHITECTURES
 

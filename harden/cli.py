@@ -130,7 +130,8 @@ def train(
     def body():
         from certify.data.datasets import load_dataset
         from harden.io.architecture import build_plain_module, resolve_arch
-        from harden.io.bundle import Bundle, save_bundle
+        from harden.io.bundle import Bundle
+        from harden.io.bundle_file import save_bundle
         from harden.training.train import check_common_options, pick_device, seed_everything, train_clean
 
         # Everything that can be wrong with the options, before the data is read (or downloaded).
@@ -190,7 +191,7 @@ def convert(
     optionally add the WCA noise layer before the final Linear."""
 
     def body():
-        from harden.io.bundle import save_bundle
+        from harden.io.bundle_file import save_bundle
         from harden.convert import check_options, convert as convert_bundle, default_output
 
         beta = None if no_spectral_norm else spectral_norm
@@ -338,7 +339,7 @@ def finetune(
     """Adversarial (fgm, pgd, trades) or certified (ibp, crown-ibp) fine-tuning; runs unchanged under torchrun."""
 
     def body():
-        from harden.io.bundle import save_bundle
+        from harden.io.bundle_file import save_bundle
         from harden.training.finetune import (FinetuneConfig, check_resume, default_checkpoint, finetune as run_finetune,
                                      main_process)
         from harden.training.train import check_limit, pick_device
@@ -414,7 +415,7 @@ def prune(
     (TSCNC), adversarial fine-tuning in the same loop; masks are baked into the weights on export."""
 
     def body():
-        from harden.io.bundle import save_bundle
+        from harden.io.bundle_file import save_bundle
         from harden.pruning.prune import PruneConfig, objective_from_history, prune as run_prune
         from harden.training.train import check_limit, pick_device
 

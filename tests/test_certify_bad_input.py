@@ -227,11 +227,11 @@ MODEL_CASES = {
     "metadata-not-an-object": _model_case(
         lambda d: _classifier(d / "m.onnx", metadata={"harden.data": "[1, 2]"}), "is not a JSON object"),
     "metadata-std-zero": _model_case(lambda d: _classifier(d / "m.onnx", metadata=_metadata(std=[0.0])),
-                                     "has std [0.0]"),
+                                     "std [0.0] is not a list of positive"),
     "metadata-mean-nan": _model_case(
-        lambda d: _classifier(d / "m.onnx", metadata={"harden.data": '{"mean": [NaN]}'}), "has mean [nan]"),
+        lambda d: _classifier(d / "m.onnx", metadata={"harden.data": '{"mean": [NaN]}'}), "mean [NaN] is not a list of finite numbers"),
     "metadata-range-reversed": _model_case(
-        lambda d: _classifier(d / "m.onnx", metadata=_metadata(input_range=[1.0, 0.0])), "has input_range [1.0, 0.0]"),
+        lambda d: _classifier(d / "m.onnx", metadata=_metadata(input_range=[1.0, 0.0])), "input_range [1.0, 0.0] is not [low, high]"),
     "metadata-input-shape": _model_case(
         lambda d: _classifier(d / "m.onnx", metadata=_metadata(input_shape=[3, 32, 32])), "says input shape [3, 32, 32]"),
     "metadata-class-count": _model_case(

@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.bundle import Bundle
+
+from harden.io.bundle_file import load_bundle, save_bundle
 from harden.cli import app
 from harden.convert import DEFAULT_BETA, convert
 from harden.io.loading import load_model

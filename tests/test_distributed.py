@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.bundle import Bundle
+
+from harden.io.bundle_file import load_bundle, save_bundle
 from harden.cli import app
 from harden.training.finetune import default_checkpoint
 from harden.io.zoo import small_cnn

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from certify.common.errors import UserError
-from harden.io.bundle import Bundle, save_bundle
+from harden.io.bundle import Bundle
+from harden.io.bundle_file import save_bundle
 from harden.io.export import PARITY_ATOL, export_onnx
 from harden.io.zoo import mlp
 

@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from certify.bounds.bounder import MarginBounder
 from certify.data.datasets import Dataset
-from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.bundle import Bundle
+from harden.io.bundle_file import load_bundle, save_bundle
 from harden.cli import app
 from harden.convert import convert
 from harden.training.finetune import FinetuneConfig, default_checkpoint, evaluate, finetune

@@ -23,7 +23,8 @@ import torch
 from typer.testing import CliRunner
 
 from certify.common.errors import UserError
-from harden.io.bundle import Bundle, save_bundle
+from harden.io.bundle import Bundle
+from harden.io.bundle_file import save_bundle
 from harden.cli import app
 from harden.io.zoo import small_cnn
 

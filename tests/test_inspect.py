@@ -11,7 +11,9 @@ import torch.fx as fx
 from torch import nn
 from typer.testing import CliRunner
 
-from harden.io.bundle import Bundle, save_bundle
+from harden.io.bundle import Bundle
+
+from harden.io.bundle_file import save_bundle
 from harden.cli import app
 from harden.convert import convert
 from harden.io.export import export_onnx

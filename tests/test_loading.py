@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from certify.common.errors import UserError
-from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.bundle import Bundle
+from harden.io.bundle_file import load_bundle, save_bundle
 from harden.io.export import module_to_onnx_bytes
 from harden.io.loading import detect_format, load_model
 from harden.io.zoo import small_cnn

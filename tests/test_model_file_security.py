@@ -25,7 +25,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from certify.common.errors import UserError
-from harden.io.bundle import Bundle, save_bundle
+from harden.io.bundle import Bundle
+from harden.io.bundle_file import save_bundle
 from harden.cli import app
 from harden.io.export import module_to_onnx_bytes
 from harden.io.loading import load_model

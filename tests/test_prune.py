@@ -17,12 +17,14 @@ from onnx import numpy_helper
 from torch import nn
 
 from certify.common.errors import UserError
-from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.bundle import Bundle
+from harden.io.bundle_file import load_bundle, save_bundle
 from harden.io.export import PARITY_ATOL, export_onnx
 from harden.layers.norms import effective_weight
-from harden.pruning.prune import (PruneConfig, attach_masks, condition_hinge, condition_logdet, cubic_sparsity, kappa,
-                          layer_kappas, live_kappa, magnitude_masks, objective_from_history, prunable_layers, prune,
-                          pruning_events, transformed_l1)
+from harden.layers.masks import attach_masks, prunable_layers
+from harden.pruning.prune import (PruneConfig, condition_hinge, condition_logdet, cubic_sparsity, kappa, layer_kappas,
+                                  live_kappa, magnitude_masks, objective_from_history, prune, pruning_events,
+                                  transformed_l1)
 from harden.layers.spectral import apply_spectral_norm
 from harden.training.train import train_clean
 from harden.io.zoo import mlp, small_cnn

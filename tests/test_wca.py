@@ -16,7 +16,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from certify.common.errors import UserError
-from harden.io.bundle import Bundle, load_bundle, save_bundle
+from harden.io.bundle import Bundle
+from harden.io.bundle_file import load_bundle, save_bundle
 from harden.cli import app
 from harden.convert import convert
 from harden.io.export import export_onnx

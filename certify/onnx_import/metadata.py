@@ -34,16 +34,16 @@ def check_harden_data(data, fail: Callable[[str], UserError]) -> dict:
     A single mean / std number becomes a one-element list (one value for every channel).
     """
     if not isinstance(data, dict):
-        raise fail("harden.data is not a JSON object")
+        raise fail("it is not a JSON object")
     if data.get("dataset") is not None and not (isinstance(data["dataset"], str) and data["dataset"]):
-        raise fail(f"harden.data dataset {show(data['dataset'])} is not a name")
+        raise fail(f"dataset {show(data['dataset'])} is not a name")
     if "classes" in data and not (isinstance(data["classes"], list) and len(data["classes"]) <= MAX_CLASSES
                                   and all(isinstance(c, str) for c in data["classes"])):
-        raise fail(f"harden.data classes {show(data['classes'])} is not a list of names")
+        raise fail(f"classes {show(data['classes'])} is not a list of names")
     if "input_range" in data:
         value = data["input_range"]
         if not (isinstance(value, list) and len(value) == 2 and all(is_real(v) for v in value) and value[0] < value[1]):
-            raise fail(f"harden.data input_range {show(value)} is not [low, high] with low < high")
+            raise fail(f"input_range {show(value)} is not [low, high] with low < high")
     for name in ("mean", "std"):
         value = data.get(name)
         if value is None:
@@ -53,12 +53,12 @@ def check_harden_data(data, fail: Callable[[str], UserError]) -> dict:
         if not (isinstance(value, list) and value and all(is_real(v) for v in value)) \
                 or (name == "std" and any(v <= 0 for v in value)):
             rule = "positive finite numbers" if name == "std" else "finite numbers"
-            raise fail(f"harden.data {name} {show(value)} is not a list of {rule}")
+            raise fail(f"{name} {show(value)} is not a list of {rule}")
     if data.get("input_shape") is not None:
         value = data["input_shape"]
         if not (isinstance(value, list) and value and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                                           for v in value)):
-            raise fail(f"harden.data input_shape {show(value)} is not a list of positive sizes")
+            raise fail(f"input_shape {show(value)} is not a list of positive sizes")
     return data
 
 

@@ -8,10 +8,14 @@ whatever it does wrong becomes a UserError.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import importlib
 import os
+import re
 import sys
 import tempfile
+import zlib
 
 import torch
 from torch import nn
@@ -24,7 +28,6 @@ _FACTORY_HINT = "give --arch as package.module:function, importable from the cur
 
 def resolve_arch(name: str) -> dict:
     """`--arch` value -> arch record: a built-in name or `package.module:factory`."""
-    from harden.io.bundle import is_factory_ref
 
     if name in ARCHITECTURES:
         return {"kind": "zoo", "name": name}
@@ -59,8 +62,8 @@ def build_plain_module(arch: dict, input_shape: tuple[int, ...], num_classes: in
     if kind == "factory":
         return _call_factory(arch["ref"])
     if kind == "onnx-graph":
-        from harden.io.bundle import decode_graph
         from certify.onnx_import.reader import import_onnx
+        from harden.io.architecture import decode_graph
 
         limit = 1 << 31 if max_elements is None else 4 * max_elements + (256 << 20)
         graph = decode_graph(arch["graph"], max_bytes=limit)
@@ -107,3 +110,32 @@ def _call_factory(ref: str) -> nn.Module:
 def _describe(exc: BaseException) -> str:
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0][:200]}" if text else type(exc).__name__
+
+
+def encode_graph(onnx_bytes: bytes) -> str:
+    return base64.b64encode(zlib.compress(onnx_bytes, 9)).decode("ascii")
+
+
+def decode_graph(text: str, *, max_bytes: int = 1 << 31) -> bytes:
+    """The ONNX bytes of a harden.arch graph; UserError when they are damaged or would unpack to
+    more than `max_bytes` (a few compressed bytes can ask for gigabytes)."""
+    try:
+        packed = base64.b64decode(text.encode("ascii"), validate=True)
+        unpacker = zlib.decompressobj()
+        graph = unpacker.decompress(packed, max_bytes)
+        if unpacker.unconsumed_tail or not unpacker.eof:
+            raise ValueError("the graph is truncated or larger than the file can hold")
+    except (ValueError, UnicodeEncodeError, binascii.Error, zlib.error) as exc:
+        raise UserError(f"the ONNX graph recorded in the file's harden.arch is damaged ({exc})",
+                        "re-create the file") from None
+    return graph
+
+
+_REF = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def is_factory_ref(text: str) -> bool:
+    """`package.module:function`, nothing else (no paths, no spaces)."""
+    return bool(_REF.fullmatch(text))
+
+

@@ -28,9 +28,11 @@ import torch
 from torch import nn
 
 from certify.common.errors import UserError, load_untrusted_json
-from harden.io.architecture import build_plain_module, resolve_arch
-from harden.io.bundle import (Bundle, bundle_from_bytes, check_data, check_finite, check_input_shape, encode_graph,
-                           file_source, load_tensors, read_model_bytes, safetensors_metadata)
+from harden.io.architecture import build_plain_module, encode_graph, resolve_arch
+from harden.io.bundle import Bundle
+from harden.io.bundle_checks import check_data, check_input_shape
+from harden.io.bundle_file import (bundle_from_bytes, check_finite, file_source, load_tensors, read_model_bytes,
+                                   safetensors_metadata)
 
 ACCEPTED = ("harden .safetensors bundle, state dict (.pt/.safetensors) with --arch, TorchScript archive, "
             "torch.export .pt2, ONNX, or a pickled module with --trust-pickle")

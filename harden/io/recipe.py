@@ -34,10 +34,10 @@ def _wca(bundle, step: dict) -> None:
 
 
 def _prune(bundle, step: dict) -> None:
-    from harden.pruning.prune import apply_prune_step
+    from harden.layers.masks import attach_masks
 
     # All-ones masks on the recorded layers; the mask buffers come from the state dict.
-    apply_prune_step(bundle, step)
+    attach_masks(bundle.module, list(step["layers"]))
 
 
 STEPS: dict[str, Callable] = {
