@@ -17,7 +17,8 @@ from torch import nn
 
 from certify.bounds.compat import lirpa
 from certify.common.errors import UserError
-from certify.onnx_import.reader import SUPPORTED_OPS, check_against_onnxruntime, import_onnx
+from certify.onnx_import.parity import check_against_onnxruntime
+from certify.onnx_import.reader import SUPPORTED_OPS, import_onnx
 
 VNNCOMP = Path(__file__).resolve().parents[2] / "shared" / "vnncomp"  # shared/ lies beside the checkout
 # A checkout without shared/ beside it runs the tests on our own models only.

@@ -19,43 +19,20 @@ leaking (as the spectral-normalization paper's training attacks do).
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from certify.common.errors import UserError
+from certify.common.modes import model_mode  # noqa: F401 -- part of the attacks' API
 
 NORMS = ("inf", "2")
 LOSSES = ("ce", "margin")
 _NORM_ALIASES = {"inf": "inf", "linf": "inf", "2": "2", "l2": "2"}
 # How far the clean images may stray outside [lower, upper] (float noise from normalization).
 _RANGE_SLACK = 1e-6
-
-
-@contextlib.contextmanager
-def model_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run an attack with the model in eval mode and every `frozen` flag set, then restore both.
-
-    Eval mode keeps batch-norm statistics and dropout out of the attack. Spectral-norm
-    parametrizations expose a bool `frozen`: their power iteration must not advance while an attack
-    is generated, or the attack would change the weights it is attacking.
-    """
-    training = {module: module.training for module in model.modules()}
-    frozen = {module: module.frozen for module in model.modules() if isinstance(getattr(module, "frozen", None), bool)}
-    model.eval()
-    for module in frozen:
-        module.frozen = True
-    try:
-        yield model
-    finally:
-        for module, mode in training.items():
-            module.training = mode
-        for module, flag in frozen.items():
-            module.frozen = flag
 
 
 def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

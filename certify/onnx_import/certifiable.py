@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from certify.common.errors import UserError
-from certify.onnx_import.reader import check_against_onnxruntime, import_onnx
+from certify.onnx_import.parity import check_against_onnxruntime
+from certify.onnx_import.reader import import_onnx
 
 
 @dataclass

@@ -40,6 +40,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from certify.onnx_import.metadata import parse_harden_data
+from certify.onnx_import.parity import check_against_onnxruntime
 from certify.common.errors import UserError
 
 SUPPORTED_OPS = frozenset({
@@ -119,71 +120,6 @@ def import_onnx(path: str | os.PathLike, *, check: bool = True) -> ImportedModel
                             "please report the model (import_onnx(..., check=False) skips this check)"
                             ) from error
     return imported
-
-
-def check_against_onnxruntime(path: str | os.PathLike, module: torch.nn.Module, inputs: torch.Tensor,
-                              *, atol: float = 1e-4, rtol: float = 1e-4) -> float:
-    """Run `inputs` (N, *input_shape) through `module` and through onnxruntime (CPU); return the
-    largest absolute difference, or raise UserError when they differ beyond atol + rtol * |ref|."""
-
-    inputs = inputs.detach().float().cpu()
-    try:
-        session = onnxruntime_session(path)
-        declared = session.get_inputs()[0]
-        declared.shape, declared.name  # noqa: B018 -- reading them can fail on a damaged file
-    except Exception as error:  # onnxruntime raises its own exception types
-        raise UserError(f"onnxruntime cannot load {path}: {error}".splitlines()[0],
-                        "check that the file is a valid ONNX model") from error
-    # The graph may take a fixed batch (often 1) or no batch axis at all: feed it what it takes.
-    if len(declared.shape) == inputs.dim() - 1:
-        chunks = [x.numpy() for x in inputs]
-        sizes = [1] * len(chunks)
-    else:
-        step = declared.shape[0] if isinstance(declared.shape[0], int) and declared.shape[0] > 0 \
-            else max(len(inputs), 1)
-        chunks = [_pad_batch(inputs[i:i + step], step) for i in range(0, len(inputs), step)]
-        sizes = [len(chunk) for chunk in chunks]
-    try:
-        outputs = [session.run(None, {declared.name: chunk})[0] for chunk in chunks]
-    except Exception as error:
-        raise UserError(f"onnxruntime cannot run {path} on inputs of shape {tuple(inputs.shape)}: "
-                        f"{error}".splitlines()[0], "pass inputs of the model's per-sample shape") from error
-    reference = np.concatenate([out.reshape(size, -1) for out, size in zip(outputs, sizes)])
-    reference = reference[: len(inputs)].astype(np.float64)
-    device = next(iter([*module.parameters(), *module.buffers()]), inputs).device
-    with torch.no_grad():
-        ours = module(inputs.to(device)).double().cpu().numpy().reshape(len(inputs), -1)
-    if ours.shape != reference.shape:
-        raise UserError(f"imported module of {path} gives outputs of shape {ours.shape}, onnxruntime "
-                        f"{reference.shape}",
-                        "the module does not match this ONNX file")
-    if not np.all(np.isfinite(reference)):
-        raise UserError(f"{path} computes NaN or infinite outputs on inputs of its input range (onnxruntime)",
-                        "fix the model (a division by zero, overflowing weights); certify bounds finite functions")
-    diff = float(np.max(np.abs(ours - reference))) if ours.size else 0.0
-    if not np.allclose(ours, reference, atol=atol, rtol=rtol) or not np.isfinite(diff):
-        raise UserError(
-            f"imported module of {path} differs from onnxruntime by up to {diff:.3g}",
-            "the module and the ONNX file compute different functions",
-        )
-    return diff
-
-
-def onnxruntime_session(path: str | os.PathLike):
-    """A CPU onnxruntime session that does not log: its C++ logger writes to stderr on its own,
-    which would break certify's one-line errors (the exception carries the message anyway)."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.log_severity_level = 4  # fatal only
-    return onnxruntime.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def _pad_batch(chunk: torch.Tensor, size: int) -> np.ndarray:
-    # A graph with a fixed batch > 1 needs full chunks; repeat the last sample (its outputs are cut).
-    if len(chunk) < size:
-        chunk = torch.cat([chunk, chunk[-1:].expand(size - len(chunk), *chunk.shape[1:])])
-    return chunk.numpy()
 
 
 # ---------------------------------------------------------------------------------------------

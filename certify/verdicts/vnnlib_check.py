@@ -252,7 +252,7 @@ def check_vnnlib_options(*, methods=METHODS, batch_size: int = 16, attack_steps:
 
 
 def _load(onnx: Path, model: CertifiableModel, spec: InputSpec, device: torch.device) -> _Loaded:
-    from certify.onnx_import.reader import onnxruntime_session
+    from certify.onnx_import.parity import onnxruntime_session
 
     normalized = with_normalization(model.module, spec, tuple(model.input_shape))
     module = affine_ops_as_convs(normalized, tuple(model.input_shape)).to(device)

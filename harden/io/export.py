@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from certify.common.errors import UserError
 from certify.common.files import atomic_path
+from certify.onnx_import.parity import onnxruntime_logits, onnxruntime_session
 from harden.io.bundle import Bundle
 
 OPSET = 17
@@ -152,20 +153,11 @@ def _parity_inputs(bundle: Bundle) -> torch.Tensor:
     return low + (high - low) * torch.rand(64, *bundle.input_shape, generator=generator)
 
 
-def onnxruntime_session(path: str | Path):
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), providers=providers)
-
-
 def check_parity(module: nn.Module, onnx_path: str | Path, inputs: torch.Tensor) -> dict:
-    session = onnxruntime_session(onnx_path)
+    session = onnxruntime_session(onnx_path, device="cuda" if torch.cuda.is_available() else "cpu")
     with torch.no_grad():
         expected = module(inputs.float()).numpy()
-    got = session.run(None, {session.get_inputs()[0].name: inputs.float().numpy()})[0]
+    got = onnxruntime_logits(session, inputs, path=onnx_path)
     error = np.abs(got - expected)
     allowed = PARITY_ATOL + PARITY_RTOL * np.abs(expected)
     same_argmax = bool((got.argmax(1) == expected.argmax(1)).all())
@@ -180,7 +172,7 @@ def check_parity(module: nn.Module, onnx_path: str | Path, inputs: torch.Tensor)
 def _check_runs(onnx_path: str | Path, inputs: torch.Tensor) -> dict:
     # A stochastic export cannot match torch draw for draw; it must run and give finite logits.
     session = onnxruntime_session(onnx_path)
-    got = session.run(None, {session.get_inputs()[0].name: inputs.float().numpy()})[0]
+    got = onnxruntime_logits(session, inputs, path=onnx_path)
     if not np.isfinite(got).all() or got.shape[0] != inputs.shape[0]:
         raise UserError("the stochastic ONNX export does not run correctly in onnxruntime",
                         "report this with the model; the export was not written")
