@@ -8,8 +8,7 @@ training); the two others are fine-tuned from it with `harden.training.finetune`
 
     python benchmarks/pgd_training.py                                   # modest budget
     python benchmarks/pgd_training.py --epochs 10 --test-limit 10000    # a fuller one
-No paper number is quoted for this row (methods.md has none for this CNN); the comparison is
-between the three models.
+No paper number is quoted for this row; the comparison is between the three models.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Benchmark of pruning under a condition-number constraint (harden.pruning.prune; methods.md section 4).
+"""Benchmark of pruning under a condition-number constraint (harden.pruning.prune).
 
 The method's central claim, measured directly: at 90 / 95 / 99% sparsity the condition numbers of
 plainly pruned layers blow up, and the constraint keeps them bounded, to the benefit of robustness.
@@ -10,10 +10,11 @@ constraint (hinge at --kappa-max, weight --cond-weight, vs none). Reported per r
     when a layer is rank-deficient (e.g. a unit whose weights were all pruned), and of the live
     part (without all-zero rows/columns), which is what the constraint can act on;
   - on the same first --eval test images: clean accuracy, PGD accuracy (linf, --pgd-steps steps,
-    one restart) at --eps, and CROWN-verified accuracy (certify.bounds.bounder.MarginBounder, method crown,
-    on the baked module, i.e. what the ONNX export holds) at --crown-eps.
+    one restart) at --eps, and CROWN-verified accuracy (certify.bounds.bounder.MarginBounder, method crown:
+    the same bound, IBP reference bounds included, that `certify` runs) on the baked module, i.e. what
+    the ONNX export holds, at --crown-eps.
 
-    python -m benchmarks.prune                                   # defaults below, ~35 min on 2 busy cores
+    python -m benchmarks.prune                                   # defaults below, the full grid takes tens of minutes
     python -m benchmarks.prune --models mlp --sparsities 0.9 --json out.json
 
 Writes the JSON document (--json, default benchmarks/results/prune.json) and prints a readable

@@ -1,19 +1,26 @@
-"""`certify`: measure the robustness of an ONNX classifier. Changes nothing."""
+"""`certify`: measure the robustness of an ONNX classifier. Changes nothing.
+
+The command parses its options into one `Run`; the dataset mode (`--eps`) and the VNN-LIB mode
+(`--vnnlib`) are each a function of it, and both check and write their outputs the same way.
+"""
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from certify.common.cli import OneLineUsageErrors, parse_floats, run_cli
+from certify.common.cli_options import Debug, Device, Mean, Quiet, Seed, Std, version_option
 from certify.common.errors import UserError
 from certify.common.progress import console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Certify the robustness of a classifier: per sample verified, falsified or unknown.")
+Version = version_option("certify")
 
 
 @app.command(cls=OneLineUsageErrors)
@@ -32,16 +39,17 @@ def main_command(
     radius_max: Optional[float] = typer.Option(None, "--radius-max", help="Largest eps --radius searches (default: the width of the input range)."),
     vnnlib: list[str] = typer.Option([], "--vnnlib", help="Check VNN-LIB properties instead: a .vnnlib file, a folder of them or a VNN-COMP instances.csv; repeat for several."),
     cex_dir: Optional[Path] = typer.Option(None, "--cex-dir", help="Folder for the counterexamples of sat properties (default: next to --json)."),
-    mean: Optional[str] = typer.Option(None, "--mean", help="Per-channel input mean the model expects, e.g. 0.1307."),
-    std: Optional[str] = typer.Option(None, "--std", help="Per-channel input std the model expects, e.g. 0.3081."),
+    mean: Mean = None,
+    std: Std = None,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples (or properties) bounded together (default 50; 16 with --vnnlib)."),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N or auto."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the attack's random starts: the same seed repeats a run exactly."),
+    device: Device = "auto",
+    seed: Seed = 0,
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report (per-sample verdicts, sha256, spec, versions) as JSON; '-' for stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a plot (.png/.pdf/.svg): accuracy against eps, and certified radii with --radius."),
     fail_under: Optional[float] = typer.Option(None, "--fail-under", help="Exit with code 1 when the certified accuracy at any --eps (with --vnnlib: the verified fraction) is below this fraction, for CI gates."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
-    debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
+    quiet: Quiet = False,
+    debug: Debug = False,
+    version: Version = False,
 ) -> None:
     """Certify MODEL at each --eps (clean, attacked and certified accuracy, per-sample verdicts), or
     check VNN-LIB properties with --vnnlib (unsat / sat with a counterexample / unknown).
@@ -49,182 +57,238 @@ def main_command(
     Every option and every output path is checked before any work: a bad one is one line
     (`error: what -- what to do`), exit code 2, and nothing is written.
     """
+    options = Run(model=model, eps=list(eps), data=data, split=split, limit=limit, method=method,
+                  attack=not no_attack, attack_steps=attack_steps, attack_restarts=attack_restarts, radius=radius,
+                  radius_tol=radius_tol, radius_max=radius_max, vnnlib=list(vnnlib), cex_dir=cex_dir, mean=mean,
+                  std=std, batch_size=batch_size, device=device, seed=seed, json_out=json_out, plot=plot,
+                  fail_under=fail_under, quiet=quiet)
     failed: list[str] = []
-    to_stdout = json_out is not None and str(json_out) == "-"
-    report_path = None if json_out is None or to_stdout else json_out
-
-    def body():
-        from certify.reports.report import check_fail_under, validate_fail_under
-
-        methods = parse_methods(method)
-        validate_fail_under(fail_under, bool(eps), bool(vnnlib))
-        means, stds = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-        if vnnlib:
-            run = _check_vnnlib(model, methods, means, stds)
-        else:
-            if model is None:
-                raise UserError("no model given", "certify MODEL.onnx --eps 0.1 (only --vnnlib instances.csv names its own models)")
-            run = _certify_dataset(model, methods, means, stds)
-        if run is not None:
-            reason = check_fail_under(fail_under, run)
-            if reason is not None:
-                failed.append(reason)
-
-    def _certify_dataset(model_path: Path, methods, means, stds):
-        from certify.verdicts.dataset import certify_model, check_run_options
-        from certify.reports.report import radius_table, report_document, summary_table
-
-        if cex_dir is not None:
-            raise UserError("--cex-dir applies to --vnnlib runs only", "leave it out, or give --vnnlib")
-        if not radius and (radius_tol is not None or radius_max is not None):
-            given = "--radius-tol" if radius_tol is not None else "--radius-max"
-            raise UserError(f"{given} applies only with --radius", "add --radius, or leave it out")
-        options = dict(limit=limit, methods=methods, attack=not no_attack,
-                       batch_size=50 if batch_size is None else batch_size, device=device, mean=means, std=stds,
-                       seed=seed, radius=radius, radius_tol=1e-3 if radius_tol is None else radius_tol,
-                       radius_max=radius_max, attack_steps=attack_steps,
-                       attack_restarts=3 if attack_restarts is None else attack_restarts, split=split or "test")
-        check_run_options(list(eps), **{k: v for k, v in options.items() if k != "attack"})
-        data_path = Path(data) if data is not None and _is_path(data) else None
-        _check_outputs([model_path, data_path], cex=False)
-        run = certify_model(model_path, list(eps), data=data, quiet=quiet, **options)
-        if run is None:  # a rank other than 0 under torchrun: rank 0 reports
-            return None
-        document = report_document(run)
-        _write_outputs(document, run)
-        if to_stdout:
-            import json
-
-            sys.stdout.write(json.dumps(document, indent=1) + "\n")
-        else:
-            if run.results:
-                console.print(summary_table(run))
-            if run.radius is not None:
-                console.print(radius_table(run))
-            if report_path is not None:
-                console.print(f"report written to {report_path}")
-        if plot is not None:
-            console.print(f"plot written to {plot}")
-        return run
-
-    def _check_vnnlib(model_path: Optional[Path], methods, means, stds):
-        from certify.reports.report import vnnlib_document, vnnlib_property_table, vnnlib_table
-        from certify.verdicts.vnnlib_check import check_properties, check_vnnlib_options, write_counterexamples
-
-        not_applying = [name for name, given in (("--eps", bool(eps)), ("--radius", radius),
-                                                 ("--radius-tol", radius_tol is not None),
-                                                 ("--radius-max", radius_max is not None), ("--plot", plot is not None),
-                                                 ("--data", data is not None), ("--split", split is not None),
-                                                 ("--limit", limit is not None)) if given]
-        if not_applying:
-            raise UserError(f"--vnnlib takes its boxes from the files: {', '.join(not_applying)} "
-                            f"{'does' if len(not_applying) == 1 else 'do'} not apply",
-                            "leave them out, or certify on a dataset without --vnnlib")
-        restarts = 5 if attack_restarts is None else attack_restarts
-        check_vnnlib_options(methods=methods, batch_size=16 if batch_size is None else batch_size,
-                             attack_steps=attack_steps, attack_restarts=restarts, seed=seed, mean=means, std=stds,
-                             device=device)
-        folder = _cex_folder()
-
-        def check_outputs(pairs):
-            inputs = [model_path, *(Path(t) for t in vnnlib), *(f for pair in pairs for f in pair)]
-            _check_outputs(inputs, cex=True)
-            if folder is not None:
-                _check_counterexample_names(folder, pairs, inputs)
-
-        run = check_properties(model_path, list(vnnlib), methods=methods, attack=not no_attack,
-                               attack_steps=attack_steps, attack_restarts=restarts,
-                               seed=seed, batch_size=16 if batch_size is None else batch_size, device=device,
-                               mean=means, std=stds, quiet=quiet, check_outputs=check_outputs)
-        if run is None:  # a rank other than 0 under torchrun: rank 0 reports
-            return None
-        sat = sum(p.result == "sat" for p in run.properties)
-        if sat and folder is not None:
-            try:
-                write_counterexamples(run, folder)
-            except OSError as error:
-                raise UserError(f"cannot write the counterexamples to {folder} ({error.strerror or error})",
-                                "choose a writable --cex-dir") from None
-        document = vnnlib_document(run)
-        _write_outputs(document, None)
-        if to_stdout:
-            import json
-
-            sys.stdout.write(json.dumps(document, indent=1) + "\n")
-        else:
-            if len(run.properties) <= 100:
-                console.print(vnnlib_property_table(run))
-            console.print(vnnlib_table(run))
-            if report_path is not None:
-                console.print(f"report written to {report_path}")
-        if sat:
-            console.print(f"{sat} counterexample(s) written to {folder}" if folder is not None
-                          else f"{sat} counterexample(s) found; give --cex-dir or --json to write them")
-        return run
-
-    def _cex_folder() -> Optional[Path]:
-        if cex_dir is not None:
-            return cex_dir
-        if report_path is not None:
-            return report_path.parent / f"{report_path.stem}.counterexamples"
-        return None
-
-    def _check_outputs(inputs, *, cex: bool) -> None:
-        """Every output: not an input, not a folder, in a folder that can be written; and no two
-        outputs on one path. Run before any certification work."""
-        from certify.common.files import check_output_path
-
-        inputs = [i for i in inputs if i is not None]
-        for option, path in (("--json", report_path), ("--plot", plot)):
-            if path is not None and path.exists() and not path.is_dir() and not path.is_file():
-                # A device, a pipe or a socket: renaming the report onto it would replace it.
-                raise UserError(f"{option} {path} is not a regular file", f"give a file name for {option}")
-        if report_path is not None:
-            check_output_path(report_path, inputs, option="--json")
-        if plot is not None:
-            from certify.reports.plot import PLOT_SUFFIXES, check_plot_path
-
-            check_plot_path(plot)
-            check_output_path(plot, inputs, option="--plot", suffixes=PLOT_SUFFIXES)
-            if report_path is not None and _same_path(plot, report_path):
-                raise UserError(f"--plot and --json both name {plot}", "give them different files")
-        folder = _cex_folder() if cex else None
-        if folder is not None:
-            option = "--cex-dir" if cex_dir is not None else "--json (its counterexample folder)"
-            if folder.exists() and not folder.is_dir():
-                raise UserError(f"{option} {folder} is a file, not a folder", "give a folder for the counterexamples")
-            # The folder may not exist yet: probe where it would be created (a file in the way is refused).
-            check_output_path(folder / "probe.counterexample", inputs, option=option)
-            if report_path is not None and _same_path(folder, report_path):
-                raise UserError(f"--cex-dir and --json both name {folder}", "give them different paths")
-
-    def _write_outputs(document: dict, run) -> None:
-        """The report and the plot, each whole or not at all, renamed into place together."""
-        import contextlib
-        import json
-
-        from certify.common.files import atomic_path
-
-        targets = [p for p in (report_path, plot if run is not None else None) if p is not None]
-        if not targets:
-            return
-        try:
-            with contextlib.ExitStack() as stack:
-                temporary = {target: stack.enter_context(atomic_path(target)) for target in targets}
-                if report_path is not None:
-                    temporary[report_path].write_text(json.dumps(document, indent=1))
-                if plot is not None and run is not None:
-                    from certify.reports.plot import draw_plot
-
-                    draw_plot(run, temporary[plot], plot.suffix.lower().lstrip("."))
-        except OSError as error:
-            raise UserError(f"cannot write {' / '.join(str(t) for t in targets)} ({error.strerror or error})",
-                            "choose a writable folder with free space") from None
-
-    run_cli(body, debug)
+    run_cli(lambda: failed.extend(_run(options)), debug)
     if failed:
         console.print(f"[bold red]fail:[/] {failed[0]}", highlight=False)
         raise typer.Exit(1)
+
+
+@dataclass
+class Run:
+    """The options of one `certify` run, as given on the command line."""
+
+    model: Optional[Path]
+    eps: list[float]
+    data: Optional[str]
+    split: Optional[str]
+    limit: Optional[int]
+    method: Optional[str]
+    attack: bool
+    attack_steps: int
+    attack_restarts: Optional[int]
+    radius: bool
+    radius_tol: Optional[float]
+    radius_max: Optional[float]
+    vnnlib: list[str]
+    cex_dir: Optional[Path]
+    mean: Optional[str]
+    std: Optional[str]
+    batch_size: Optional[int]
+    device: str
+    seed: int
+    json_out: Optional[Path]
+    plot: Optional[Path]
+    fail_under: Optional[float]
+    quiet: bool
+
+    @property
+    def to_stdout(self) -> bool:
+        return self.json_out is not None and str(self.json_out) == "-"
+
+    @property
+    def report_path(self) -> Optional[Path]:
+        return None if self.json_out is None or self.to_stdout else self.json_out
+
+    def cex_folder(self) -> Optional[Path]:
+        if self.cex_dir is not None:
+            return self.cex_dir
+        if self.report_path is not None:
+            return self.report_path.parent / f"{self.report_path.stem}.counterexamples"
+        return None
+
+
+def _run(options: Run) -> list[str]:
+    """Parse, run the mode the options ask for; the --fail-under reason, if the gate failed."""
+    from certify.reports.report import check_fail_under, validate_fail_under
+
+    methods = parse_methods(options.method)
+    validate_fail_under(options.fail_under, bool(options.eps), bool(options.vnnlib))
+    means, stds = parse_floats(options.mean, "--mean"), parse_floats(options.std, "--std")
+    if options.vnnlib:
+        run = _check_vnnlib(options, methods, means, stds)
+    else:
+        if options.model is None:
+            raise UserError("no model given", "certify MODEL.onnx --eps 0.1 (only --vnnlib instances.csv names its own models)")
+        run = _certify_dataset(options, methods, means, stds)
+    reason = check_fail_under(options.fail_under, run) if run is not None else None
+    return [] if reason is None else [reason]
+
+
+def _certify_dataset(o: Run, methods, means, stds):
+    from certify.reports.report import radius_table, report_document, summary_table
+    from certify.verdicts.dataset import certify_model, check_run_options
+
+    if o.cex_dir is not None:
+        raise UserError("--cex-dir applies to --vnnlib runs only", "leave it out, or give --vnnlib")
+    if not o.radius and (o.radius_tol is not None or o.radius_max is not None):
+        given = "--radius-tol" if o.radius_tol is not None else "--radius-max"
+        raise UserError(f"{given} applies only with --radius", "add --radius, or leave it out")
+    options = dict(limit=o.limit, methods=methods, attack=o.attack,
+                   batch_size=50 if o.batch_size is None else o.batch_size, device=o.device, mean=means, std=stds,
+                   seed=o.seed, radius=o.radius, radius_tol=1e-3 if o.radius_tol is None else o.radius_tol,
+                   radius_max=o.radius_max, attack_steps=o.attack_steps,
+                   attack_restarts=3 if o.attack_restarts is None else o.attack_restarts, split=o.split or "test")
+    check_run_options(o.eps, **{k: v for k, v in options.items() if k != "attack"})
+    data_path = Path(o.data) if o.data is not None and _is_path(o.data) else None
+    _check_outputs(o, [o.model, data_path], cex=False)
+    run = certify_model(o.model, o.eps, data=o.data, quiet=o.quiet, **options)
+    if run is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return None
+    document = report_document(run)
+    _write_outputs(o, document, run)
+    if not _dump_to_stdout(o, document):
+        if run.results:
+            console.print(summary_table(run))
+        if run.radius is not None:
+            console.print(radius_table(run))
+        if o.report_path is not None:
+            console.print(f"report written to {o.report_path}")
+    if o.plot is not None:
+        console.print(f"plot written to {o.plot}")
+    return run
+
+
+def _dump_to_stdout(o: Run, document: dict) -> bool:
+    """`--json -`: the report on stdout (and no tables). True when it went there."""
+    if not o.to_stdout:
+        return False
+    import json
+
+    sys.stdout.write(json.dumps(document, indent=1) + "\n")
+    return True
+
+
+def _refuse_dataset_options(o: Run) -> None:
+    not_applying = [name for name, given in (("--eps", bool(o.eps)), ("--radius", o.radius),
+                                             ("--radius-tol", o.radius_tol is not None),
+                                             ("--radius-max", o.radius_max is not None), ("--plot", o.plot is not None),
+                                             ("--data", o.data is not None), ("--split", o.split is not None),
+                                             ("--limit", o.limit is not None)) if given]
+    if not_applying:
+        raise UserError(f"--vnnlib takes its boxes from the files: {', '.join(not_applying)} "
+                        f"{'does' if len(not_applying) == 1 else 'do'} not apply",
+                        "leave them out, or certify on a dataset without --vnnlib")
+
+
+def _check_vnnlib(o: Run, methods, means, stds):
+    from certify.reports.report import vnnlib_document, vnnlib_property_table, vnnlib_table
+    from certify.verdicts.vnnlib_check import check_properties, check_vnnlib_options
+
+    _refuse_dataset_options(o)
+    restarts = 5 if o.attack_restarts is None else o.attack_restarts
+    batch_size = 16 if o.batch_size is None else o.batch_size
+    check_vnnlib_options(methods=methods, batch_size=batch_size, attack_steps=o.attack_steps,
+                         attack_restarts=restarts, seed=o.seed, mean=means, std=stds, device=o.device)
+    folder = o.cex_folder()
+
+    def check_outputs(pairs):
+        inputs = [o.model, *(Path(t) for t in o.vnnlib), *(f for pair in pairs for f in pair)]
+        _check_outputs(o, inputs, cex=True)
+        if folder is not None:
+            _check_counterexample_names(folder, pairs, inputs)
+
+    run = check_properties(o.model, o.vnnlib, methods=methods, attack=o.attack, attack_steps=o.attack_steps,
+                           attack_restarts=restarts, seed=o.seed, batch_size=batch_size, device=o.device,
+                           mean=means, std=stds, quiet=o.quiet, check_outputs=check_outputs)
+    if run is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return None
+    sat = sum(p.result == "sat" for p in run.properties)
+    if sat and folder is not None:
+        _write_counterexamples(run, folder)
+    document = vnnlib_document(run)
+    _write_outputs(o, document, None)
+    if not _dump_to_stdout(o, document):
+        if len(run.properties) <= 100:
+            console.print(vnnlib_property_table(run))
+        console.print(vnnlib_table(run))
+        if o.report_path is not None:
+            console.print(f"report written to {o.report_path}")
+    if sat:
+        console.print(f"{sat} counterexample(s) written to {folder}" if folder is not None
+                      else f"{sat} counterexample(s) found; give --cex-dir or --json to write them")
+    return run
+
+
+def _write_counterexamples(run, folder: Path) -> None:
+    from certify.verdicts.vnnlib_check import write_counterexamples
+
+    try:
+        write_counterexamples(run, folder)
+    except OSError as error:
+        raise UserError(f"cannot write the counterexamples to {folder} ({error.strerror or error})",
+                        "choose a writable --cex-dir") from None
+
+
+def _check_outputs(o: Run, inputs, *, cex: bool) -> None:
+    """Every output: not an input, not a folder, in a folder that can be written; and no two
+    outputs on one path. Run before any certification work."""
+    from certify.common.files import check_output_path
+
+    inputs = [i for i in inputs if i is not None]
+    report_path, plot = o.report_path, o.plot
+    for option, path in (("--json", report_path), ("--plot", plot)):
+        if path is not None and path.exists() and not path.is_dir() and not path.is_file():
+            # A device, a pipe or a socket: renaming the report onto it would replace it.
+            raise UserError(f"{option} {path} is not a regular file", f"give a file name for {option}")
+    if report_path is not None:
+        check_output_path(report_path, inputs, option="--json")
+    if plot is not None:
+        from certify.reports.plot import PLOT_SUFFIXES, check_plot_path
+
+        check_plot_path(plot)
+        check_output_path(plot, inputs, option="--plot", suffixes=PLOT_SUFFIXES)
+        if report_path is not None and _same_path(plot, report_path):
+            raise UserError(f"--plot and --json both name {plot}", "give them different files")
+    folder = o.cex_folder() if cex else None
+    if folder is not None:
+        option = "--cex-dir" if o.cex_dir is not None else "--json (its counterexample folder)"
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{option} {folder} is a file, not a folder", "give a folder for the counterexamples")
+        # The folder may not exist yet: probe where it would be created (a file in the way is refused).
+        check_output_path(folder / "probe.counterexample", inputs, option=option)
+        if report_path is not None and _same_path(folder, report_path):
+            raise UserError(f"--cex-dir and --json both name {folder}", "give them different paths")
+
+
+def _write_outputs(o: Run, document: dict, run) -> None:
+    """The report and the plot, each whole or not at all, renamed into place together."""
+    import contextlib
+    import json
+
+    from certify.common.files import atomic_path
+
+    report_path, plot = o.report_path, (o.plot if run is not None else None)
+    targets = [p for p in (report_path, plot) if p is not None]
+    if not targets:
+        return
+    try:
+        with contextlib.ExitStack() as stack:
+            temporary = {target: stack.enter_context(atomic_path(target)) for target in targets}
+            if report_path is not None:
+                temporary[report_path].write_text(json.dumps(document, indent=1))
+            if plot is not None:
+                from certify.reports.plot import draw_plot
+
+                draw_plot(run, temporary[plot], plot.suffix.lower().lstrip("."))
+    except OSError as error:
+        raise UserError(f"cannot write {' / '.join(str(t) for t in targets)} ({error.strerror or error})",
+                        "choose a writable folder with free space") from None
 
 
 def _is_path(text: str) -> bool:

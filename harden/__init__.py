@@ -6,7 +6,6 @@ _API = {
     "load_model": "harden.io.loading",
     "save_bundle": "harden.io.bundle",
     "Bundle": "harden.io.bundle",
-    "convert": "harden.convert",
     "export_onnx": "harden.io.export",
 }
 

@@ -72,9 +72,23 @@ def test_reuse_across_eps_both_ways(cnn_onnx):
     summaries = [r.summary() for r in run.results]
     assert summaries[0]["certified_accuracy"] >= 0.8  # CROWN proves the trained CNN at eps 0.005
     assert summaries[-1]["attacked_accuracy"] < summaries[0]["attacked_accuracy"]
-    for s in summaries:
-        assert s["certified_accuracy"] <= s["attacked_accuracy"] <= s["clean_accuracy"]
-        assert s["verified"] + s["falsified"] + s["unknown"] == 12
+    # against an independent recomputation: onnxruntime's predictions on the file itself
+    from certify.data.datasets import load_dataset
+    from certify.onnx_import.parity import onnxruntime_logits, onnxruntime_session
+
+    test = load_dataset("mnist", "test")
+    logits = onnxruntime_logits(onnxruntime_session(cnn_onnx), test.x[:12].reshape(12, 1, 28, 28))
+    correct = torch.from_numpy(logits.argmax(1)) == test.y[:12]
+    for s, result in zip(summaries, run.results):
+        assert s["clean_accuracy"] == pytest.approx(correct.double().mean().item())
+        clean_wrong = [v.index for v in result.samples if v.method == "clean"]
+        assert clean_wrong == torch.nonzero(~correct).flatten().tolist()
+        for kind in (VERIFIED, FALSIFIED, "unknown"):
+            assert s[kind] == sum(v.verdict == kind for v in result.samples), kind
+        assert s["certified_accuracy"] == pytest.approx(s["verified"] / 12)
+        assert s["attacked_accuracy"] == pytest.approx(1 - s["falsified"] / 12)
+        # no verified sample is misclassified by the file
+        assert all(correct[v.index] for v in result.samples if v.verdict == VERIFIED)
     assert [s["certified_accuracy"] for s in summaries] == sorted((s["certified_accuracy"] for s in summaries), reverse=True)
 
 

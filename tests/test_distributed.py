@@ -1,4 +1,5 @@
-"""`harden finetune` under torchrun: two gloo processes on the CPU end where one process does."""
+"""`harden finetune` and `harden prune` under torchrun: two gloo processes on the CPU end where one
+process does."""
 
 from __future__ import annotations
 
@@ -70,8 +71,18 @@ def test_two_gloo_processes_match_one_process(files, tmp_path, args):
     a, b = load_file(str(single)), load_file(str(double))
     assert a.keys() == b.keys()
     start = load_file(str(files / "model.safetensors"))
+    # PGD steps by the sign of the input gradient: a last-bit difference between the sharded and the
+    # whole-batch convolutions can flip the sign of a near-zero entry, which moves that pixel of the
+    # attack by a whole step, and Adam turns a flipped weight-gradient sign into a step of about lr.
+    # So the attacked runs agree as a whole (to a small part of how far training moved the weights)
+    # and in almost every entry, not to rounding in each; a wrong shard of the data or of the attack
+    # starts moves all the weights apart.
+    moved = sum(float((a[name] - start[name]).pow(2).sum()) for name in a) ** 0.5
+    apart = sum(float((a[name] - b[name]).pow(2).sum()) for name in a) ** 0.5
+    assert apart <= (0.05 if "pgd" in args else 1e-3) * moved, (apart, moved)
+    close = sum(int(torch.isclose(a[name], b[name], rtol=1e-4, atol=1e-5).sum()) for name in a)
+    assert close >= (0.9 if "pgd" in args else 1.0) * sum(a[name].numel() for name in a)
     for name in a:
-        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), (name, (a[name] - b[name]).abs().max())
         assert not torch.equal(a[name], start[name])  # both really trained
     record = load_bundle(double).history[-1]
     assert record["world_size"] == 2 and load_bundle(single).history[-1]["world_size"] == 1
@@ -79,3 +90,46 @@ def test_two_gloo_processes_match_one_process(files, tmp_path, args):
     # Only rank 0 wrote: the output, its checkpoint, and no stray temporary files.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["one.safetensors", "two.safetensors", default_checkpoint(single).name, default_checkpoint(double).name])
+
+
+PRUNE_SCRIPT = """
+import sys, torch
+from certify.data.base import Dataset
+from harden.io.bundle_file import load_bundle
+from harden.pruning.prune import PruneConfig, prune
+from harden.training.loop import main_process
+model, data, out = sys.argv[1:4]
+x, y = torch.load(data)
+bundle = load_bundle(model)
+config = PruneConfig(sparsity=0.5, prune_steps=2, prune_fraction=1.0, epochs=1, batch_size=63, seed=5,
+                     kappa_max=50.0, tsc_weight=1e-5)
+record = prune(bundle, Dataset("small", x, y, [str(k) for k in range(10)], "test"), None, config, quiet=True)
+if main_process():
+    torch.save({"state": bundle.module.state_dict(), "world": record["world_size"], "events": record["events"]}, out)
+"""
+
+
+@pytest.mark.slow
+def test_pruning_under_two_gloo_processes_matches_one_process(files, mnist_train, tmp_path):
+    data = mnist_train.subset(300)
+    torch.save((data.x, data.y), tmp_path / "data.pt")
+    (tmp_path / "prune_job.py").write_text(PRUNE_SCRIPT)
+    args = [str(files / "model.safetensors"), str(tmp_path / "data.pt")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(tmp_path / "prune_job.py"), *args, str(tmp_path / "one.pt")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+                          str(tmp_path / "prune_job.py"), *args, str(tmp_path / "two.pt")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert (a["world"], b["world"]) == (1, 2)
+    assert a["state"].keys() == b["state"].keys()
+    for name in a["state"]:
+        if name.endswith(".mask"):  # the same weights were pruned, on both
+            assert torch.equal(a["state"][name], b["state"][name]), name
+        else:
+            assert torch.allclose(a["state"][name], b["state"][name], rtol=1e-4, atol=1e-5), name
+    assert [e["sparsity"] for e in a["events"]] == [e["sparsity"] for e in b["events"]]

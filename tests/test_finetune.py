@@ -14,14 +14,15 @@ from typer.testing import CliRunner
 
 from certify.bounds.bounder import MarginBounder
 from certify.data.datasets import Dataset
-from harden.io.bundle import Bundle
-from harden.io.bundle_file import load_bundle, save_bundle
 from harden.cli import app
 from harden.convert import convert
-from harden.training.finetune import FinetuneConfig, default_checkpoint, evaluate, finetune
+from harden.io.bundle import Bundle
+from harden.io.bundle_file import load_bundle, save_bundle
 from harden.layers.norms import operator_spectral_norm
-from harden.training.objectives import BoundGraph, bound_loss, eps_at, ramp_fraction
 from harden.layers.spectral import spectral_layers
+from harden.training.bound_graph import BoundGraph, bound_loss
+from harden.training.finetune import FinetuneConfig, default_checkpoint, evaluate, finetune
+from harden.training.objectives import eps_at, ramp_fraction
 
 SHAPE = (1, 28, 28)
 CPU = torch.device("cpu")
@@ -31,8 +32,8 @@ CPU = torch.device("cpu")
 def base(mnist_train, mnist_test) -> Bundle:
     """A small CNN clean-trained on 8,000 images (about 94% test accuracy): cheap, and as
     non-robust as any clean model. Deep-copy before changing it."""
-    from harden.training.train import train_clean
     from harden.io.zoo import small_cnn
+    from harden.training.train import train_clean
 
     torch.manual_seed(0)
     bundle = Bundle(small_cnn(), SHAPE, 10, {"kind": "zoo", "name": "small-cnn"},

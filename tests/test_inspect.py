@@ -175,10 +175,65 @@ def test_a_residual_graph_gets_no_product_bound():
     document = inspect_model(fx.symbolic_trace(Residual()), (1, 4, 4))
     assert document["lipschitz"]["l2_upper_bound"] is None
     assert "joins two computed values" in document["lipschitz"]["why_not"]
-    # Without a graph the forward cannot be read: the bound comes with that assumption spelled out.
+    # A plain module with its own forward is traced the same way: the residual is found, not multiplied through.
     plain = inspect_model(Residual(), (1, 4, 4))["lipschitz"]
-    assert plain["l2_upper_bound"] is not None
-    assert any("was not analysed" in note for note in plain["assumptions"])
+    assert plain["l2_upper_bound"] is None and plain["l2_upper_bound_hoelder"] is None
+    assert "joins two computed values" in plain["why_not"]
+
+
+RESIDUAL_FACTORY = """
+import torch
+from torch import nn
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.outer = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = x.view(x.size(0), -1)
+        return self.outer(h + torch.relu(self.inner(h)))
+
+
+class Chain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner, self.outer = nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.outer(torch.relu(self.inner(x.view(x.size(0), -1))))
+
+
+def residual():
+    return Residual()
+
+
+def chain():
+    return Chain()
+"""
+
+
+def test_inspect_of_a_factory_bundle_refuses_the_product_for_a_residual(tmp_path, monkeypatch):
+    """A bundle whose architecture is a user factory: its forward is Python, not a graph; a
+    residual there must give no "upper bound" (the product of layer norms does not bound x + f(x))."""
+    (tmp_path / "residual_arch.py").write_text(RESIDUAL_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from harden.io.architecture import build_plain_module, resolve_arch
+
+    documents = {}
+    for name in ("residual", "chain"):
+        record = resolve_arch(f"residual_arch:{name}")
+        torch.manual_seed(0)
+        bundle = Bundle(build_plain_module(record, (1, 4, 4), 3), (1, 4, 4), 3, record)
+        path = save_bundle(bundle, tmp_path / f"{name}.safetensors")
+        result = CliRunner().invoke(app, ["inspect", str(path), "--trust-code", "--json", "-"])
+        assert result.exit_code == 0, result.output
+        documents[name] = json.loads(result.stdout)["lipschitz"]
+    assert documents["residual"]["l2_upper_bound"] is None and documents["residual"]["linf_upper_bound"] is None
+    assert "joins two computed values" in documents["residual"]["why_not"]
+    # The same layers in a chain (x.size(0) is a size, not a second value) keep their bound.
+    assert documents["chain"]["why_not"] is None and documents["chain"]["l2_upper_bound"] > 0
 
 
 def test_inspect_errors(tmp_path):

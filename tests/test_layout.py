@@ -92,3 +92,16 @@ def test_no_import_cycles_between_modules():
         if node not in state:
             visit(node, [node])
     assert not cycles, "\n".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def test_the_readme_api_imports_keep_working():
+    # The README's Python API, by the package-level names and by the flat paths of earlier releases.
+    from certify import certify_model
+    from certify.engine import certify_model as flat_certify_model
+    from harden import export_onnx, load_model
+    from harden.export import export_onnx as flat_export_onnx
+    from harden.loading import load_model as flat_load_model
+
+    assert certify_model is flat_certify_model and certify_model.__module__ == "certify.verdicts.dataset"
+    assert load_model is flat_load_model and load_model.__module__ == "harden.io.loading"
+    assert export_onnx is flat_export_onnx and export_onnx.__module__ == "harden.io.export"

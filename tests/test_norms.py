@@ -9,8 +9,9 @@ from torch import nn
 
 from certify.common.errors import UserError
 from conv_layers import conv_configs  # tests/conv_layers.py
-from harden.layers.norms import (NormDecay, condition_number, conv_operator_matrix, l1_norm, linf_norm,
-                          operator_spectral_norm, sparsity)
+from harden.layers.norm_decay import NormDecay
+from harden.layers.norms import (condition_number, conv_operator_matrix, l1_norm, linf_norm, operator_spectral_norm,
+                                 sparsity)
 
 CONFIGS = conv_configs()
 # 'same' padding is uneven for even kernels (one more zero on the right/bottom).
@@ -50,7 +51,7 @@ def test_conv_l1_linf_equal_the_explicit_matrix():
 
 
 def test_conv_norms_without_size_are_the_kernel_formulas():
-    # The formulas of methods.md section 2, written out with loops, on an input large enough
+    # The definitions (max absolute row / column sum), written out with loops, on an input large enough
     # that every tap class is met in full: all three values agree.
     torch.manual_seed(1)
     conv = nn.Conv2d(3, 4, kernel_size=(5, 4), stride=(2, 3), padding=(2, 1))

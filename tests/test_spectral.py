@@ -10,8 +10,8 @@ from torch import nn
 from certify.common.errors import UserError
 from conv_layers import conv_configs  # tests/conv_layers.py
 from harden.layers.norms import LinearOperator, conv_operator_matrix, effective_weight
-from harden.layers.spectral import (OperatorSpectralNorm, apply_spectral_norm, bake, fold_batchnorm,
-                             frozen_power_iteration, spectral_layers)
+from certify.common.modes import model_mode
+from harden.layers.spectral import OperatorSpectralNorm, apply_spectral_norm, bake, fold_batchnorm, spectral_layers
 
 BETA = 1.0
 CONFIGS = conv_configs()
@@ -129,12 +129,12 @@ def test_power_iteration_state_moves_only_in_training_outside_frozen(clipped):
     model(x)
     assert torch.equal(sn.u, start)
     model.train()
-    with frozen_power_iteration(model):
+    with model_mode(model):  # the one "evaluate without changing it" context (certify.common.modes)
         assert all(s.frozen for _, _, s in spectral_layers(model))
         model(x)
         model(x)
     assert torch.equal(sn.u, start)
-    assert not any(s.frozen for _, _, s in spectral_layers(model))
+    assert model.training and not any(s.frozen for _, _, s in spectral_layers(model))
     model(x)
     assert not torch.equal(sn.u, start)
     # Two training forwards before one backward (as in TRADES) must not break the graph.

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from certify.common.errors import UserError
-from certify.common.modes import model_mode  # noqa: F401 -- part of the attacks' API
+from certify.common.modes import model_mode  # also part of the attacks' API
 
 NORMS = ("inf", "2")
 LOSSES = ("ce", "margin")
@@ -252,17 +252,60 @@ class EOTPGD(PGD):
         return torch.stack([self.model(x) for _ in range(self.draws)]).mean(dim=0)
 
 
+def search_box(model: nn.Module, start: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+               objective, *, steps: int, restarts: int, seed: int, step_size: float | None = None,
+               inclusive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one PGD inside per-sample boxes: sign-gradient ascent of `objective(outputs, rows)` (one
+    value per row; `rows` index the batch) until it is > 0 (>= 0 when `inclusive`).
+
+    Returns (found, x): found[i] when the search saw a hit at x[i] (the caller confirms it), x[i]
+    inside its box (the last iterate where none was found). The first restart starts at `start`
+    clipped into the box, later ones uniformly at random (seeded by `seed`). The step is per
+    coordinate, 2.5 * half-width / steps unless `step_size` is given, so boxes of uneven widths are
+    searched evenly. A sample stops as soon as it is hit; a point box is checked once, never stepped.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    step = (upper - lower) * (1.25 / steps) if step_size is None else torch.full_like(start, step_size)
+    found = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
+    movable = (upper - lower).flatten(1).amax(dim=1) > 0
+    x_adv = torch.minimum(torch.maximum(start, lower), upper)
+    with model_mode(model):
+        for restart in range(restarts):
+            todo = (~found if restart == 0 else ~found & movable).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            lo, hi, size = lower[todo], upper[todo], step[todo]
+            if restart == 0:
+                x = x_adv[todo]
+            else:
+                x = lo + torch.rand(lo.shape, generator=generator, dtype=start.dtype).to(start.device) * (hi - lo)
+            active = torch.arange(todo.numel(), device=start.device)
+            # steps + 1 forward passes: the last one only checks the final iterate.
+            for iteration in range(steps + 1):
+                xa = x[active].detach().requires_grad_(True)
+                value = objective(model(xa), todo[active])
+                hit = value.detach() >= 0 if inclusive else value.detach() > 0
+                found[todo[active[hit]]] = True
+                keep = ~hit & movable[todo[active]]
+                if iteration == steps or not keep.any():
+                    break
+                (grad,) = torch.autograd.grad(value[keep].sum(), [xa])
+                active = active[keep]
+                moved = xa.detach()[keep] + size[active] * grad[keep].sign()
+                x[active] = torch.minimum(torch.maximum(moved, lo[active]), hi[active])
+            x_adv[todo] = x.detach()
+    return found, x_adv
+
+
 def find_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, x_lower: torch.Tensor,
                      x_upper: torch.Tensor, *, steps: int = 50, restarts: int = 5, step_size: float | None = None,
                      seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Search the per-sample box [x_lower, x_upper] for misclassified points (linf PGD, margin loss).
+    """Search the per-sample box [x_lower, x_upper] for misclassified points (`search_box` on the
+    margin loss).
 
     Returns (found, x_adv): found[i] is True only when a plain eval-mode forward pass confirms that
-    x_adv[i] is misclassified, and every x_adv[i] lies inside its box (the last iterate where none
-    was found). The first restart starts from the image clipped into the box, later ones uniformly
-    at random (seeded by `seed`). The step is per coordinate, 2.5 * half-width / steps unless
-    `step_size` is given, so boxes of uneven widths are searched evenly. A sample stops as soon as
-    it is fooled.
+    x_adv[i] is misclassified, and every x_adv[i] lies inside its box. The first restart starts from
+    the image clipped into the box, later ones uniformly at random (seeded by `seed`).
     """
     images = images.detach()
     labels = labels.detach().to(images.device)
@@ -274,43 +317,12 @@ def find_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         raise ValueError("find_adversarial got a box with x_lower > x_upper")
     if steps < 1 or restarts < 1:
         raise ValueError(f"find_adversarial needs steps >= 1 and restarts >= 1 (got {steps}, {restarts})")
-    generator = torch.Generator().manual_seed(seed)
-    step = (upper - lower) * (1.25 / steps) if step_size is None else torch.full_like(images, step_size)
-    found = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
-    # A point box holds one candidate: check it once, never step or restart on it.
-    movable = (upper - lower).flatten(1).amax(dim=1) > 0
-    x_adv = torch.minimum(torch.maximum(images, lower), upper)
-    with model_mode(model):
-        for restart in range(restarts):
-            todo = (~found if restart == 0 else ~found & movable).nonzero().squeeze(1)
-            if todo.numel() == 0:
-                break
-            lo, hi, y, size = lower[todo], upper[todo], labels[todo], step[todo]
-            if restart == 0:
-                x = x_adv[todo]
-            else:
-                noise = torch.rand(lo.shape, generator=generator, dtype=images.dtype).to(images.device)
-                x = lo + noise * (hi - lo)
-            active = torch.arange(todo.numel(), device=images.device)
-            # steps + 1 forward passes: the last one only checks the final iterate.
-            for iteration in range(steps + 1):
-                xa = x[active].detach().requires_grad_(True)
-                value = margin(model(xa), y[active])
-                fooled = value.detach() > 0
-                found[todo[active[fooled]]] = True
-                keep = ~fooled & movable[todo[active]]
-                if iteration == steps or not keep.any():
-                    break
-                (grad,) = torch.autograd.grad(value[keep].sum(), [xa])
-                active = active[keep]
-                moved = xa.detach()[keep] + size[active] * grad[keep].sign()
-                x[active] = torch.minimum(torch.maximum(moved, lo[active]), hi[active])
-            x_adv[todo] = x.detach()
-        # Trust nothing the search loop saw: re-check every hit with a plain forward pass.
-        with torch.no_grad():
-            hits = found.nonzero().squeeze(1)
-            if hits.numel():
-                confirmed = margin(model(x_adv[hits]), labels[hits]) > 0
-                found[hits] = confirmed
+    found, x_adv = search_box(model, images, lower, upper, lambda logits, rows: margin(logits, labels[rows]),
+                              steps=steps, restarts=restarts, seed=seed, step_size=step_size)
+    # Trust nothing the search loop saw: re-check every hit with a plain forward pass.
+    with model_mode(model), torch.no_grad():
+        hits = found.nonzero().squeeze(1)
+        if hits.numel():
+            found[hits] = margin(model(x_adv[hits]), labels[hits]) > 0
     inside = ((x_adv >= lower) & (x_adv <= upper)).flatten(1).all(dim=1)
     return found & inside, x_adv

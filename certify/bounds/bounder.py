@@ -3,6 +3,10 @@
 The margin of sample i against class j is `logit_{y_i} - logit_j`. We hand auto_LiRPA the
 specification matrix C (one row per j != y_i, +1 at y_i and -1 at j) so that it bounds the margins
 directly; bounding the logits and subtracting would be far looser.
+
+`bound_lower` is the one call into auto_LiRPA's `compute_bounds`: the dataset cascade, the
+VNN-LIB checks, the benchmarks and harden's certified-training bound graph all go through it, so
+they all compute the same bound for the same method name.
 """
 
 from __future__ import annotations
@@ -13,8 +17,11 @@ from torch import nn
 from certify.bounds.compat import lirpa
 
 METHODS = ("ibp", "crown", "alpha-crown")
-# Our names -> auto_LiRPA 0.3's method strings.
-_LIRPA_METHOD = {"ibp": "IBP", "crown": "backward", "alpha-crown": "CROWN-Optimized"}
+# Our names -> auto_LiRPA 0.3's method strings: the one method table. "crown-ibp" (CROWN with IBP
+# intermediate bounds) is a training objective's bound, not a certification stage.
+LIRPA_METHODS = {"ibp": "IBP", "crown": "backward", "alpha-crown": "CROWN-Optimized", "crown-ibp": "CROWN-IBP"}
+# Methods whose intermediate bounds get the IBP bounds as reference (see `bound_lower`).
+_WITH_IBP_REFERENCE = ("crown", "alpha-crown")
 
 
 def margin_matrix(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -34,6 +41,58 @@ def empirical_margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return torch.einsum("nkc,nc->nk", c, logits)
 
 
+def box_input(x_lower: torch.Tensor, x_upper: torch.Tensor):
+    """The box [x_lower, x_upper] as auto_LiRPA's bounded input (centered in the box)."""
+    auto_lirpa = lirpa()
+    perturbation = auto_lirpa.PerturbationLpNorm(norm=float("inf"), eps=None, x_L=x_lower, x_U=x_upper)
+    return auto_lirpa.BoundedTensor((x_lower + x_upper) / 2, perturbation)
+
+
+def ball_input(x: torch.Tensor, eps: float, norm: str, lower: float, upper: float):
+    """The eps-ball around x (l-infinity: clipped to [lower, upper]; l2: unclipped) as a bounded input."""
+    if norm == "inf":
+        return box_input((x - eps).clamp(lower, upper), (x + eps).clamp(lower, upper))
+    auto_lirpa = lirpa()
+    return auto_lirpa.BoundedTensor(x, auto_lirpa.PerturbationLpNorm(norm=2.0, eps=eps))
+
+
+def _ibp_reference(bounded) -> dict:
+    return {node.name: (node.lower.detach().clone(), node.upper.detach().clone())
+            for node in bounded.modules()
+            if getattr(node, "perturbed", False) and node.name != bounded.final_name
+            and isinstance(getattr(node, "lower", None), torch.Tensor)
+            and isinstance(getattr(node, "upper", None), torch.Tensor)}
+
+
+def bound_lower(bounded, x, c: torch.Tensor, method: str, *, differentiable: bool = False) -> torch.Tensor:
+    """Sound lower bounds (n, rows) of C y over the bounded input x, C of shape (n, rows, outputs).
+
+    CROWN and alpha-CROWN get the IBP bounds of every layer as reference bounds, so each neuron keeps
+    the tighter of its IBP and CROWN bounds. Without them auto_LiRPA 0.3 bounds a neuron by CROWN
+    whenever it is unstable for ANY sample of the batch, which can be looser than the IBP bound
+    that the sample alone would keep, so a batched bound could come out looser than the one-sample
+    bound (tests/test_soundness.py checks batched against one-sample bounds). With the reference
+    both match or beat the one-sample CROWN bound.
+
+    `differentiable` keeps the graph to the weights (certified training); otherwise the result is
+    detached. alpha-CROWN always needs gradients for its own optimisation.
+    """
+    if method not in LIRPA_METHODS:
+        raise ValueError(f"unknown bound method {method!r}; use one of {tuple(LIRPA_METHODS)}")
+    reference = None
+    if method in _WITH_IBP_REFERENCE:
+        with torch.no_grad():
+            ibp, _ = bounded.compute_bounds(x=(x,), C=c, method="IBP", bound_upper=False)
+            reference = _ibp_reference(bounded)
+    with torch.set_grad_enabled(differentiable or method == "alpha-crown"):
+        lower, _ = bounded.compute_bounds(x=(x,), C=c, method=LIRPA_METHODS[method], bound_upper=False,
+                                          reference_bounds=reference)
+    if reference is not None:
+        # Every method's bound is sound, so the elementwise best of IBP's and this one is too.
+        lower = torch.maximum(lower, ibp)
+    return lower if differentiable else lower.detach()
+
+
 class MarginBounder:
     """Bounds the margins of one model over l-infinity boxes, by IBP, CROWN or alpha-CROWN."""
 
@@ -49,23 +108,22 @@ class MarginBounder:
         self.bounded = auto_lirpa.BoundedModule(
             self.module, example, device=self.device,
             bound_opts={"verbosity": 0, "optimize_bound_args": {"iteration": alpha_iterations}})
-        self._perturbation = auto_lirpa.PerturbationLpNorm
-        self._bounded_tensor = auto_lirpa.BoundedTensor
+
+    def lower_bounds(self, x_lower: torch.Tensor, x_upper: torch.Tensor, c: torch.Tensor,
+                     method: str) -> torch.Tensor:
+        """Sound lower bounds (n, rows) of C y over the boxes [x_lower, x_upper]: the entry point."""
+        if method not in METHODS:
+            raise ValueError(f"unknown bound method {method!r}; use one of {METHODS}")
+        x = box_input(x_lower.to(self.device, torch.float32), x_upper.to(self.device, torch.float32))
+        return bound_lower(self.bounded, x, c.to(self.device), method)
 
     def lower_margins(self, x_lower: torch.Tensor, x_upper: torch.Tensor, labels: torch.Tensor,
                       method: str) -> torch.Tensor:
         """Sound lower bounds (N, K-1) of the margins over the boxes [x_lower, x_upper]."""
-        if method not in _LIRPA_METHOD:
-            raise ValueError(f"unknown bound method {method!r}; use one of {METHODS}")
-        x_lower = x_lower.to(self.device, torch.float32)
-        x_upper = x_upper.to(self.device, torch.float32)
-        center = (x_lower + x_upper) / 2
-        perturbation = self._perturbation(norm=float("inf"), eps=None, x_L=x_lower, x_U=x_upper)
-        x = self._bounded_tensor(center, perturbation)
-        c = margin_matrix(labels.to(self.device), self.num_classes)
-        if method == "alpha-crown":
-            lower, _ = self.bounded.compute_bounds(x=(x,), C=c, method=_LIRPA_METHOD[method], bound_upper=False)
-        else:
-            with torch.no_grad():
-                lower, _ = self.bounded.compute_bounds(x=(x,), C=c, method=_LIRPA_METHOD[method], bound_upper=False)
-        return lower.detach()
+        return self.lower_bounds(x_lower, x_upper, margin_matrix(labels.to(self.device), self.num_classes), method)
+
+
+def lower_bounds(bounder: MarginBounder, x_lower: torch.Tensor, x_upper: torch.Tensor, c: torch.Tensor,
+                 method: str) -> torch.Tensor:
+    """`bounder.lower_bounds` as a function (the name the cascade and tests import)."""
+    return bounder.lower_bounds(x_lower, x_upper, c, method)

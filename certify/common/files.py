@@ -92,18 +92,23 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
                         "choose a writable folder") from None
     os.close(fd)
     tmp_path = Path(tmp)
-    # mkstemp makes the file private (0600); give outputs the usual permissions instead.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
+        # mkstemp makes the file private (0600), and a writer may replace it with a new private
+        # file (safetensors does): give the finished output the usual permissions, after writing.
+        _usual_permissions(tmp_path)
         _fsync(tmp_path)
         os.replace(tmp_path, target)
         _fsync_folder(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _usual_permissions(path: Path) -> None:
+    umask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def remove_stale_partials(target: Path) -> None:

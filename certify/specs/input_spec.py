@@ -15,6 +15,7 @@ from torch import nn
 
 from certify.common.errors import UserError
 from certify.onnx_import.metadata import parse_harden_data
+from certify.specs.rounding import eps_ball
 
 
 @dataclass
@@ -33,9 +34,11 @@ class InputSpec:
                             f"give 0 < {option.lstrip('-')} <= {high - low:g} (the width of the input range, in pixel units)")
 
     def box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """The l-infinity ball of radius eps around x, clipped to the valid input range."""
+        """The l-infinity ball of radius eps around x, clipped to the valid input range, rounded
+        outward to x's dtype: it contains every real point within eps, so what is proved on it holds
+        for the eps that is claimed."""
         low, high = self.input_range
-        return (x - eps).clamp(low, high), (x + eps).clamp(low, high)
+        return eps_ball(x, eps, low, high)
 
     def to_json(self) -> dict:
         return asdict(self)

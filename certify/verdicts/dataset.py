@@ -16,24 +16,27 @@ at its start) is already part of the imported module, so the pixel box is right 
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from certify.bounds.bounder import METHODS
 from certify.common import distributed
-from certify.bounds.bounder import METHODS, MarginBounder
-from certify.onnx_import.channel_affine import affine_ops_as_convs
-from certify.data.datasets import load_dataset
 from certify.common.errors import UserError
 from certify.common.files import sha256_file
-from certify.onnx_import.certifiable import load_certifiable
 from certify.common.progress import progress_bar, say
+from certify.common.seeds import stream_seed
+from certify.data.datasets import load_dataset
+from certify.onnx_import.certifiable import load_certifiable
+from certify.specs.input_spec import InputSpec, spec_from_metadata
+from certify.verdicts.cascade import (FALSIFIED, UNKNOWN, VERIFIED,
+                                      CascadeOptions, Verdict, certify_batch)
+from certify.verdicts.file_outputs import FileOutputs, certified_module
 from certify.verdicts.radius import RadiusRecord, bisect_radius, radius_summary
-from certify.specs.input_spec import InputSpec, check_normalization, spec_from_metadata, with_normalization
-from certify.verdicts.cascade import FALSIFIED, UNKNOWN, VERIFIED, CascadeOptions, Verdict, certify_batch
+from certify.verdicts.run_checks import (check_against_model, check_data_fits,
+                                         check_run_options)
 
 _NORMALIZING_OPS = ("Sub", "Div", "Mul", "Add")
 
@@ -150,89 +153,7 @@ def bisection_order(values: list[float]) -> list[int]:
 
 def batch_seed(seed: int, batch_number: int, step: int) -> int:
     # A function of the batch's position, not of the rank that runs it: sharded runs repeat exactly.
-    return seed + 100_003 * batch_number + 7_919 * step
-
-
-def check_run_options(eps_values: list[float], *, methods=METHODS, limit: int | None = None, batch_size: int = 50,
-                      split: str = "test", radius: bool = False, radius_tol: float | None = 1e-3,
-                      radius_max: float | None = None, attack_steps: int = 50, attack_restarts: int = 3,
-                      mean: list[float] | None = None, std: list[float] | None = None,
-                      device: str | None = None, seed: int = 0) -> None:
-    """Every check of a dataset run that needs neither the model nor the data: a UserError on the
-    first bad option, before any file is read (the command line runs it before anything else)."""
-    from certify.data.datasets import SPLITS
-
-    if not eps_values and not radius:
-        raise UserError("no --eps given", "give at least one --eps, e.g. --eps 0.1 (or --radius)")
-    for eps in eps_values:
-        if not (math.isfinite(eps) and eps > 0):
-            raise UserError(f"eps {eps} is out of range", "give a positive finite eps, e.g. --eps 0.1")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise UserError(f"unknown --method {', '.join(unknown) or '(none)'}", f"use one of {', '.join(METHODS)}")
-    if limit is not None and limit <= 0:
-        raise UserError(f"--limit {limit} is not positive", "give a positive number of samples")
-    if batch_size <= 0:
-        raise UserError(f"--batch-size {batch_size} is not positive", "give e.g. --batch-size 50")
-    if split not in SPLITS:
-        raise UserError(f"unknown --split {split!r}", f"use one of: {', '.join(SPLITS)}")
-    check_attack_options(attack_steps, attack_restarts, seed)
-    if radius_tol is not None and not (math.isfinite(radius_tol) and radius_tol > 0):
-        raise UserError(f"--radius-tol {radius_tol} is out of range", "give a small positive tolerance, e.g. 1e-3")
-    if radius_max is not None and not (math.isfinite(radius_max) and radius_max > 0):
-        raise UserError(f"--radius-max {radius_max} is out of range", "give a positive eps, e.g. --radius-max 0.3")
-    if radius and radius_tol is not None and radius_max is not None and radius_tol >= radius_max:
-        raise UserError(f"--radius-tol {radius_tol:g} is not below --radius-max {radius_max:g}",
-                        "give a tolerance smaller than the largest eps searched")
-    check_normalization(mean, std)
-    distributed.device_kind(device)
-
-
-def check_attack_options(attack_steps: int, attack_restarts: int, seed: int = 0) -> None:
-    if attack_steps < 1:
-        raise UserError(f"--attack-steps {attack_steps} is not positive", "give e.g. --attack-steps 50 (or --no-attack)")
-    if attack_restarts < 1:
-        raise UserError(f"--attack-restarts {attack_restarts} is not positive",
-                        "give e.g. --attack-restarts 3 (or --no-attack)")
-    if not -2 ** 62 <= seed <= 2 ** 62:  # torch generators take 64-bit seeds; batches add offsets to it
-        raise UserError(f"--seed {seed} is out of range", "give a seed between -2**62 and 2**62, e.g. --seed 0")
-
-
-def _check_against_model(eps_values: list[float], spec: InputSpec, model, radius: bool, radius_tol: float,
-                         radius_max: float | None, normalization_from: str = "--mean/--std") -> None:
-    """The checks that need the model and its spec (input range, normalization, classes)."""
-    for eps in eps_values:
-        spec.check_eps(eps)
-    width = spec.input_range[1] - spec.input_range[0]
-    if radius:
-        if radius_max is not None:
-            spec.check_eps(radius_max, "--radius-max")
-        if not radius_tol < (radius_max if radius_max is not None else width):
-            raise UserError(f"--radius-tol {radius_tol:g} is out of range",
-                            f"give 0 < tol < {radius_max if radius_max is not None else width:g}, e.g. 1e-3")
-    check_normalization(spec.mean, spec.std, tuple(model.input_shape), source=normalization_from)
-    if model.outputs < 2:
-        raise UserError(f"{model.path.name} returns {model.outputs} value(s) per sample; a classifier needs one "
-                        "logit per class (at least 2)",
-                        "certify a classifier that outputs (batch, classes), or check a property with --vnnlib")
-    if spec.classes and len(spec.classes) != model.outputs:
-        raise UserError(f"{model.path.name} returns {model.outputs} logits, but its metadata names "
-                        f"{len(spec.classes)} classes", "re-export the model; its metadata is damaged")
-
-
-def _check_data_fits(dataset, model, dataset_name: str) -> None:
-    if len(dataset) == 0:
-        raise UserError(f"the data {dataset_name} holds no samples", "give data with at least one sample")
-    if dataset.x[0].numel() != math.prod(model.input_shape):
-        raise UserError(f"the data has samples of shape {tuple(dataset.x.shape[1:])}, the model expects "
-                        f"{tuple(model.input_shape)}", "certify the model on the data it was trained for")
-    top = int(dataset.y.max())
-    if top >= model.outputs:
-        raise UserError(f"the data has label {top}, but {model.path.name} has {model.outputs} outputs "
-                        f"(classes 0..{model.outputs - 1})", "certify the model on the data it was trained for")
-    if getattr(dataset, "classes_known", True) and len(dataset.classes) != model.outputs:
-        raise UserError(f"{model.path.name} has {model.outputs} outputs, but {dataset_name} has "
-                        f"{len(dataset.classes)} classes", "certify the model on the data it was trained for")
+    return stream_seed(seed, batch_number, step)
 
 
 def certify_model(model_path: str | Path, eps_values: list[float], *, data: str | None = None,
@@ -256,11 +177,11 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
     model = load_certifiable(model_path)
     model_sha256 = sha256_file(model_path)
     spec, dataset_name = resolve_spec(model.metadata, data=data, mean=mean, std=std)
-    _check_against_model(eps_values, spec, model, radius, radius_tol, radius_max,
+    check_against_model(eps_values, spec, model, radius, radius_tol, radius_max,
                          "--mean/--std" if mean is not None or std is not None else "the metadata 'harden.data'")
     in_graph = graph_normalization(model_path)
     dataset = load_dataset(dataset_name, split=split, log=None if quiet else say).subset(limit)
-    _check_data_fits(dataset, model, dataset_name)
+    check_data_fits(dataset, model, dataset_name)
     shard = distributed.start(torch.device(distributed.device_kind(device)))
     dev = distributed.device_for(shard, device)
     if dev.type == "cuda":
@@ -270,9 +191,7 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
         say(f"warning: the graph already starts with {'/'.join(in_graph)} by constants (a normalization?); "
             "--mean/--std are applied in front of it as well", quiet=quiet)
     torch.manual_seed(seed)
-    module = with_normalization(model.module, spec, tuple(model.input_shape))
-    module = affine_ops_as_convs(module, tuple(model.input_shape)).to(dev)
-    bounder = MarginBounder(module, tuple(model.input_shape), device=dev)
+    module, bounder, file_outputs = certified_module(model_path, model, spec, dev)
     options = CascadeOptions(methods=tuple(methods), attack=attack, attack_steps=attack_steps,
                              attack_restarts=attack_restarts, seed=seed)
     width = spec.input_range[1] - spec.input_range[0]
@@ -291,12 +210,15 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
             x = dataset.x[start:stop].reshape(-1, *model.input_shape)
             y = dataset.y[start:stop]
             indices = list(range(start, stop))
+            # The certificate names the file's sha256: every batch it covers is checked on the file.
+            file_outputs.check(module, x)
             verdicts = _certify_eps_batch(module, bounder, spec, x, y, indices, eps_values, order, options,
-                                          results, batch_number)
+                                          results, batch_number, file_outputs)
             if radius_result is not None:
                 t0 = time.perf_counter()
                 radius_result.samples += _radius_batch(module, bounder, spec, x, y, indices, eps_values,
-                                                       verdicts, options, radius_tol, radius_high, batch_number)
+                                                       verdicts, options, radius_tol, radius_high, batch_number,
+                                                       file_outputs)
                 radius_result.seconds += time.perf_counter() - t0
             bar.update(task, advance=stop - start, status=_progress_status(results, radius_result))
 
@@ -312,7 +234,8 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
 
 
 def _certify_eps_batch(module, bounder, spec: InputSpec, x, y, indices, eps_values, order, options,
-                       results: list[EpsResult], batch_number: int) -> list[list[Verdict]]:
+                       results: list[EpsResult], batch_number: int,
+                       file_outputs: FileOutputs | None = None) -> list[list[Verdict]]:
     """All eps for one batch, with reuse; returns the verdicts per eps (ascending), per sample."""
     n = len(indices)
     per_eps: list[list[Verdict | None]] = [[None] * n for _ in eps_values]
@@ -331,7 +254,7 @@ def _certify_eps_batch(module, bounder, spec: InputSpec, x, y, indices, eps_valu
             t0 = time.perf_counter()
             verdicts = certify_batch(module, bounder, xs, y[rows], spec.box(xs, eps),
                                      [indices[i] for i in open_rows], options,
-                                     seed=batch_seed(options.seed, batch_number, step))
+                                     seed=batch_seed(options.seed, batch_number, step), file_outputs=file_outputs)
             results[k].seconds += time.perf_counter() - t0
             for i, verdict in zip(open_rows, verdicts):
                 per_eps[k][i] = verdict
@@ -362,7 +285,7 @@ def _implied(per_eps, eps_values, k: int, i: int) -> Verdict | None:
 
 
 def _radius_batch(module, bounder, spec, x, y, indices, eps_values, per_eps, options, tolerance, high,
-                  batch_number) -> list[RadiusRecord]:
+                  batch_number, file_outputs: FileOutputs | None = None) -> list[RadiusRecord]:
     """Bisect this batch's radii, starting from what the --eps verdicts already say."""
     n = len(indices)
     lower = torch.zeros(n, dtype=torch.float64)
@@ -384,7 +307,8 @@ def _radius_batch(module, bounder, spec, x, y, indices, eps_values, per_eps, opt
     upper = torch.maximum(upper, lower)
     return bisect_radius(module, bounder, spec, x, y, indices, options, tolerance=tolerance, lower=lower,
                          upper=upper, attack_upper=attack_upper,
-                         seed=batch_seed(options.seed, batch_number, len(eps_values)), verified_method=method)
+                         seed=batch_seed(options.seed, batch_number, len(eps_values)), verified_method=method,
+                         file_outputs=file_outputs)
 
 
 def _progress_status(results: list[EpsResult], radius: RadiusResult | None) -> str:

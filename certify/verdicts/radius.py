@@ -19,8 +19,11 @@ import torch
 from torch import nn
 
 from certify.bounds.bounder import MarginBounder
+from certify.common.seeds import stream_seed
 from certify.specs.input_spec import InputSpec
-from certify.verdicts.cascade import FALSIFIED, VERIFIED, CascadeOptions, certify_batch
+from certify.verdicts.cascade import (FALSIFIED, VERIFIED, CascadeOptions,
+                                      certify_batch)
+from certify.verdicts.file_outputs import FileOutputs
 
 
 @dataclass
@@ -51,7 +54,8 @@ def radius_summary(records: list[RadiusRecord], tolerance: float) -> dict:
 def bisect_radius(module: nn.Module, bounder: MarginBounder, spec: InputSpec, x: torch.Tensor,
                   labels: torch.Tensor, indices: list[int], options: CascadeOptions, *, tolerance: float,
                   lower: torch.Tensor, upper: torch.Tensor, attack_upper: torch.Tensor, seed: int,
-                  verified_method: list[str | None] | None = None) -> list[RadiusRecord]:
+                  verified_method: list[str | None] | None = None,
+                  file_outputs: FileOutputs | None = None) -> list[RadiusRecord]:
     """Bisect every sample of one batch; `lower`/`upper`/`attack_upper` (float64, (n,)) start the
     intervals (e.g. from the --eps verdicts already known), `attack_upper` inf where none."""
     n = x.shape[0]
@@ -70,11 +74,13 @@ def bisect_radius(module: nn.Module, bounder: MarginBounder, spec: InputSpec, x:
         if open_.numel() == 0:
             break
         mid = (lower[open_] + upper[open_]) / 2
-        eps = mid.float().view(-1, *([1] * (x.dim() - 1)))
-        box = spec.box(x[open_], eps)
+        # One box per sample, each at its own float64 mid: the radius recorded is the eps proved.
+        boxes = [spec.box(x[i:i + 1], float(m)) for i, m in zip(open_.tolist(), mid)]
+        box = (torch.cat([b[0] for b in boxes]), torch.cat([b[1] for b in boxes]))
         t0 = time.perf_counter()
         verdicts = certify_batch(module, bounder, x[open_], labels[open_], box,
-                                 [indices[i] for i in open_.tolist()], options, seed=seed + 7919 * round_)
+                                 [indices[i] for i in open_.tolist()], options, seed=stream_seed(seed, round_),
+                                 file_outputs=file_outputs)
         cost[open_] += (time.perf_counter() - t0) / open_.numel()
         for k, (row, verdict) in enumerate(zip(open_.tolist(), verdicts)):
             if verdict.verdict == VERIFIED:

@@ -36,21 +36,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from certify.common import distributed
 from certify.bounds.bounder import METHODS, MarginBounder
-from certify.onnx_import.channel_affine import affine_ops_as_convs
+from certify.common import distributed
 from certify.common.errors import UserError
 from certify.common.files import sha256_file
-from certify.onnx_import.certifiable import CertifiableModel, load_certifiable
 from certify.common.progress import progress_bar, say
-from certify.specs.input_spec import InputSpec, check_normalization, with_normalization
-from certify.verdicts.cascade import CascadeOptions, cascade_stages, lower_bounds
-from certify.specs.vnnlib import VnnlibProperty, find_properties, parse_vnnlib, read_instances, write_counterexample
+from certify.common.seeds import stream_seed
+from certify.onnx_import.certifiable import CertifiableModel, load_certifiable
+from certify.specs.input_spec import InputSpec, check_normalization
+from certify.specs.rounding import inward_box, outward_box
+from certify.specs.vnnlib import (VnnlibProperty, find_properties,
+                                  parse_vnnlib, read_instances,
+                                  write_counterexample)
+from certify.verdicts.cascade import (CascadeOptions, cascade_stages,
+                                      lower_bounds)
+from certify.verdicts.file_outputs import FileOutputs, certified_module
+from certify.verdicts.regions import Region, find_in_region
+from certify.verdicts.stages import run_stages
 
 SAT, UNSAT, UNKNOWN = "sat", "unsat", "unknown"
 _VERDICT_OF = {UNSAT: "verified", SAT: "falsified", UNKNOWN: "unknown"}
-# Stands for +-infinity inside the attack objective (a true inf would give NaN gradients).
-_BIG = 1e30
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -168,9 +173,8 @@ class _Loaded:
     model: CertifiableModel
     module: nn.Module
     bounder: MarginBounder
-    session: object
+    file_outputs: FileOutputs  # the ONNX file's own outputs, by onnxruntime
     outputs: int
-    normalizer: nn.Module | None  # the --mean/--std map put in front of the file's graph, if any
 
 
 def check_properties(model: str | Path | None, targets: list[str | Path], *, methods: tuple[str, ...] = METHODS,
@@ -239,7 +243,7 @@ def check_vnnlib_options(*, methods=METHODS, batch_size: int = 16, attack_steps:
                          seed: int = 0, mean: list[float] | None = None, std: list[float] | None = None,
                          device: str | None = None) -> None:
     """The checks of a VNN-LIB run that need no file: a UserError on the first bad option."""
-    from certify.verdicts.dataset import check_attack_options
+    from certify.verdicts.run_checks import check_attack_options
 
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -252,14 +256,8 @@ def check_vnnlib_options(*, methods=METHODS, batch_size: int = 16, attack_steps:
 
 
 def _load(onnx: Path, model: CertifiableModel, spec: InputSpec, device: torch.device) -> _Loaded:
-    from certify.onnx_import.parity import onnxruntime_session
-
-    normalized = with_normalization(model.module, spec, tuple(model.input_shape))
-    module = affine_ops_as_convs(normalized, tuple(model.input_shape)).to(device)
-    bounder = MarginBounder(module, tuple(model.input_shape), device=device)
-    session = onnxruntime_session(onnx)
-    normalizer = normalized[0] if normalized is not model.module else None
-    return _Loaded(model, module, bounder, session, bounder.num_classes, normalizer)
+    module, bounder, file_outputs = certified_module(onnx, model, spec, device)
+    return _Loaded(model, module, bounder, file_outputs, bounder.num_classes)
 
 
 def _check_fits(prop: VnnlibProperty, model: CertifiableModel) -> None:
@@ -277,207 +275,84 @@ def _check_fits(prop: VnnlibProperty, model: CertifiableModel) -> None:
                         "give bounds within +-3.4e38")
 
 
+class _PropertyBatch:
+    """One chunk of properties of one model, as the stage runner (certify.verdicts.stages) sees it."""
+
+    def __init__(self, state: _Loaded, props: list[VnnlibProperty], attack_steps: int, seed: int):
+        n = len(props)
+        shape = tuple(state.model.input_shape)
+        self.state, self.props, self.attack_steps, self.seed = state, props, attack_steps, seed
+        self.lower64 = torch.stack([p.lower for p in props]).view(n, *shape)
+        self.upper64 = torch.stack([p.upper for p in props]).view(n, *shape)
+        self.region = Region.stack(props, state.outputs)
+        self.cost = torch.zeros(n, dtype=torch.float64)
+        self.result = [UNKNOWN] * n
+        self.method: list[str | None] = [None] * n
+        self.found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n
+        self.best = torch.full((n, self.region.disjuncts, self.region.rows), -float("inf"), dtype=torch.float64)
+        # Attack points must lie inside the float64 box, bounds must cover all of it.
+        self.attack_box = inward_box(self.lower64, self.upper64)
+        self.bound_box = outward_box(self.lower64, self.upper64)
+
+    def open_rows(self) -> torch.Tensor:
+        return torch.tensor([i for i, r in enumerate(self.result) if r == UNKNOWN], dtype=torch.long)
+
+    def attack(self, rows: torch.Tensor, restarts: int, attempt: int) -> None:
+        dev = self.state.bounder.device
+        # The first attack starts from the centre; later ones only from random points.
+        hits, x_adv = find_in_region(self.state.module, self.attack_box[0][rows].to(dev),
+                                     self.attack_box[1][rows].to(dev), self.region.subset(rows).to(dev),
+                                     steps=self.attack_steps, restarts=restarts,
+                                     seed=stream_seed(self.seed, attempt), from_centre=attempt == 0)
+        for k in torch.nonzero(hits.cpu()).flatten().tolist():
+            i = int(rows[k])
+            x = x_adv[k].detach().cpu()
+            inside = bool(((x.double() >= self.lower64[i]) & (x.double() <= self.upper64[i])).all())
+            y = self.state.file_outputs.logits(x.unsqueeze(0))[0]
+            # Only the ONNX file's own output decides: the imported module could differ in the last bits.
+            if inside and bool(torch.isfinite(y).all()) and self.props[i].is_counterexample(y):
+                self.result[i], self.method[i], self.found[i] = SAT, "pgd", (x, y)
+
+    def bound(self, rows: torch.Tensor, method: str) -> None:
+        region = self.region
+        c = region.c[rows].reshape(len(rows), -1, self.state.outputs)
+        lower = self._lower_spec_bounds(rows, c, method).view(len(rows), region.disjuncts, region.rows)
+        self.best[rows] = torch.maximum(self.best[rows], lower)
+        certificate = region.certificate(self.best[rows], rows)
+        for k, i in enumerate(rows.tolist()):
+            if certificate[k] > 0:
+                self.result[i], self.method[i] = UNSAT, method
+
+
+    def _lower_spec_bounds(self, rows: torch.Tensor, c: torch.Tensor, method: str) -> torch.Tensor:
+        """float64 lower bounds of C y over the box, for the float64 C of the file. The bounder works
+        in float32: a C that float32 holds exactly goes to it as is (the tightest bound); otherwise
+        each logit is bounded on its own and the file's C is applied to those bounds by interval
+        arithmetic in float64, so the bound is about the property as written, not a rounded one."""
+        dev, lower_box, upper_box = self.state.bounder.device, self.bound_box[0][rows], self.bound_box[1][rows]
+        if torch.equal(c.float().double(), c):
+            return lower_bounds(self.state.bounder, lower_box, upper_box, c.to(dev, torch.float32), method).cpu().double()
+        m = self.state.outputs
+        eye = torch.eye(m, dtype=torch.float32).expand(len(rows), m, m)
+        both = lower_bounds(self.state.bounder, lower_box, upper_box, torch.cat([eye, -eye], 1).to(dev), method)
+        y_low, y_high = both[:, :m].cpu().double(), -both[:, m:].cpu().double()
+        return (c.clamp(min=0) @ y_low.unsqueeze(-1) + c.clamp(max=0) @ y_high.unsqueeze(-1)).squeeze(-1)
+
+
 def _check_chunk(state: _Loaded, onnx: Path, props: list[VnnlibProperty], options: CascadeOptions,
                  seed: int) -> list[PropertyResult]:
-    n = len(props)
-    shape = tuple(state.model.input_shape)
-    dev = state.bounder.device
-    lower64 = torch.stack([p.lower for p in props]).view(n, *shape)
-    upper64 = torch.stack([p.upper for p in props]).view(n, *shape)
-    region = _Region.stack(props, state.outputs)
-    cost = torch.zeros(n, dtype=torch.float64)
-    result = [UNKNOWN] * n
-    method: list[str | None] = [None] * n
-    found_x: list[torch.Tensor | None] = [None] * n
-    found_y: list[torch.Tensor | None] = [None] * n
-    best = torch.full((n, region.disjuncts, region.rows), -float("inf"), dtype=torch.float64)
-    attack_lo, attack_hi = _float32_inward(lower64, upper64)
-    bound_lo, bound_hi = _float32_outward(lower64, upper64)
-    attacks_done = 0
-
-    for stage, restarts in cascade_stages(options):
-        rows = torch.tensor([i for i in range(n) if result[i] == UNKNOWN], dtype=torch.long)
-        if rows.numel() == 0:
-            break
-        t0 = time.perf_counter()
-        if stage == "attack":
-            # The first attack starts from the centre; later ones only from random points.
-            hits, x_adv = find_in_region(state.module, attack_lo[rows].to(dev), attack_hi[rows].to(dev),
-                                         region.subset(rows).to(dev), steps=options.attack_steps,
-                                         restarts=restarts, seed=seed + attacks_done, from_centre=attacks_done == 0)
-            attacks_done += 1
-            for k in torch.nonzero(hits.cpu()).flatten().tolist():
-                i = int(rows[k])
-                x = x_adv[k].detach().cpu()
-                inside = bool(((x.double() >= lower64[i]) & (x.double() <= upper64[i])).all())
-                y = _onnxruntime_outputs(state, x.unsqueeze(0))[0]
-                # Only the ONNX file's own output decides: the imported module could differ in the last bits.
-                if inside and bool(torch.isfinite(y).all()) and props[i].is_counterexample(y):
-                    result[i], method[i], found_x[i], found_y[i] = SAT, "pgd", x, y
-        else:
-            c = region.c[rows].reshape(len(rows), -1, state.outputs).to(dev, torch.float32)
-            lower = lower_bounds(state.bounder, bound_lo[rows], bound_hi[rows], c, stage).cpu().double()
-            best[rows] = torch.maximum(best[rows], lower.view(len(rows), region.disjuncts, region.rows))
-            certificate = region.certificate(best[rows], rows)
-            for k, i in enumerate(rows.tolist()):
-                if certificate[k] > 0:
-                    result[i], method[i] = UNSAT, stage
-        cost[rows] += (time.perf_counter() - t0) / len(rows)
-    certificates = region.certificate(best, torch.arange(n))
+    batch = _PropertyBatch(state, props, options.attack_steps, seed)
+    run_stages(cascade_stages(options), batch)
+    certificates = batch.region.certificate(batch.best, torch.arange(len(props)))
     out = []
     for i, prop in enumerate(props):
         value = certificates[i].item()
-        bounded = result[i] != SAT and value > -float("inf")
-        out.append(PropertyResult(str(onnx), str(prop.path), result[i], method[i], value if bounded else None,
-                                  round(float(cost[i]), 6), x=found_x[i], y=found_y[i], vnnlib_sha256=prop.sha256))
+        bounded = batch.result[i] != SAT and value > -float("inf")
+        x, y = batch.found[i] or (None, None)
+        out.append(PropertyResult(str(onnx), str(prop.path), batch.result[i], batch.method[i],
+                                  value if bounded else None, round(float(batch.cost[i]), 6), x=x, y=y,
+                                  vnnlib_sha256=prop.sha256))
     return out
-
-
-@dataclass
-class _Region:
-    """The counterexample regions of a batch of properties, padded to common sizes:
-    c (n, K, R, m), d (n, K, R); padded rows are all-zero and invalid, padded disjuncts invalid."""
-
-    c: torch.Tensor
-    d: torch.Tensor
-    row_valid: torch.Tensor
-    disjunct_valid: torch.Tensor
-
-    @property
-    def disjuncts(self) -> int:
-        return self.c.shape[1]
-
-    @property
-    def rows(self) -> int:
-        return self.c.shape[2]
-
-    @staticmethod
-    def stack(props: list[VnnlibProperty], outputs: int) -> "_Region":
-        k = max(max(len(p.unsafe) for p in props), 1)
-        r = max(max((item.C.shape[0] for p in props for item in p.unsafe), default=1), 1)
-        n = len(props)
-        c = torch.zeros(n, k, r, outputs, dtype=torch.float64)
-        d = torch.zeros(n, k, r, dtype=torch.float64)
-        row_valid = torch.zeros(n, k, r, dtype=torch.bool)
-        disjunct_valid = torch.zeros(n, k, dtype=torch.bool)
-        for i, prop in enumerate(props):
-            for j, (C, dd) in enumerate(prop.unsafe):
-                rows = C.shape[0]
-                c[i, j, :rows], d[i, j, :rows] = C, dd
-                row_valid[i, j, :rows] = True
-                disjunct_valid[i, j] = True
-        return _Region(c, d, row_valid, disjunct_valid)
-
-    def subset(self, rows: torch.Tensor) -> "_Region":
-        return _Region(self.c[rows], self.d[rows], self.row_valid[rows], self.disjunct_valid[rows])
-
-    def to(self, device) -> "_Region":
-        return _Region(self.c.to(device, torch.float32), self.d.to(device, torch.float32),
-                       self.row_valid.to(device), self.disjunct_valid.to(device))
-
-    def objective(self, y: torch.Tensor) -> torch.Tensor:
-        """f(y) = min_k max_r (C_kr y - d_kr) per sample: <= 0 exactly in the counterexample region.
-        A disjunct without rows holds for any output (-BIG); a padded one never (+BIG)."""
-        value = torch.einsum("nkrm,nm->nkr", self.c, y) - self.d
-        value = torch.where(self.row_valid, value, torch.full_like(value, -_BIG))
-        per_disjunct = value.amax(dim=2)
-        per_disjunct = torch.where(self.disjunct_valid, per_disjunct, torch.full_like(per_disjunct, _BIG))
-        return per_disjunct.amin(dim=1)
-
-    def certificate(self, lower: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """min_k max_r (lower_kr - d_kr) for the given properties; > 0 proves the region empty.
-        An empty region (no disjunct) is +inf: nothing to refute."""
-        value = lower - self.d[rows]
-        value = torch.where(self.row_valid[rows], value, torch.full_like(value, -float("inf")))
-        per_disjunct = value.amax(dim=2)
-        per_disjunct = torch.where(self.disjunct_valid[rows], per_disjunct,
-                                   torch.full_like(per_disjunct, float("inf")))
-        return per_disjunct.amin(dim=1)
-
-
-def find_in_region(module: nn.Module, lower: torch.Tensor, upper: torch.Tensor, region: _Region, *,
-                   steps: int = 50, restarts: int = 5, seed: int = 0,
-                   from_centre: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """PGD inside per-sample boxes toward the counterexample region: minimizes region.objective.
-
-    Returns (found, x): found[i] when the module's output at x[i] lies in the region (confirm it
-    elsewhere before trusting it). The first restart starts at the box centre (unless not
-    `from_centre`), the others at uniform random points (seeded); steps are per coordinate,
-    2.5 * half-width / steps.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    n = lower.shape[0]
-    step = (upper - lower) * (1.25 / steps)
-    found = torch.zeros(n, dtype=torch.bool, device=lower.device)
-    best = (lower + upper) / 2
-    module.eval()
-    for restart in range(restarts):
-        todo = torch.nonzero(~found).flatten()
-        if todo.numel() == 0:
-            break
-        lo, hi = lower[todo], upper[todo]
-        if restart == 0 and from_centre:
-            x = (lo + hi) / 2
-        else:
-            x = lo + torch.rand(lo.shape, generator=generator).to(lo.device) * (hi - lo)
-        sub = region.subset(todo)
-        for iteration in range(steps + 1):
-            x = x.detach().requires_grad_(True)
-            value = sub.objective(module(x))
-            hit = value.detach() <= 0
-            if hit.any():
-                newly = todo[hit]
-                fresh = ~found[newly]
-                best[newly[fresh]] = x.detach()[hit][fresh]
-                found[newly] = True
-            if iteration == steps or hit.all():
-                break
-            (grad,) = torch.autograd.grad(value.sum(), [x])
-            moved = x.detach() - step[todo] * grad.sign()
-            x = torch.minimum(torch.maximum(moved, lo), hi)
-        if restart == 0:
-            misses = todo[~found[todo]]
-            best[misses] = x.detach()[~found[todo]]
-    return found, best
-
-
-def _float32_outward(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The smallest float32 box containing the float64 box."""
-    lo, hi = lower.float(), upper.float()
-    lo = torch.where(lo.double() > lower, torch.nextafter(lo, torch.tensor(-float("inf"))), lo)
-    hi = torch.where(hi.double() < upper, torch.nextafter(hi, torch.tensor(float("inf"))), hi)
-    return lo, hi
-
-
-def _float32_inward(lower: torch.Tensor, upper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The largest float32 box inside the float64 box (empty axes collapse to the lower end)."""
-    lo, hi = lower.float(), upper.float()
-    lo = torch.where(lo.double() < lower, torch.nextafter(lo, torch.tensor(float("inf"))), lo)
-    hi = torch.where(hi.double() > upper, torch.nextafter(hi, torch.tensor(-float("inf"))), hi)
-    return lo, torch.maximum(hi, lo)
-
-
-def _onnxruntime_outputs(state: _Loaded, x: torch.Tensor) -> torch.Tensor:
-    """The ONNX file's outputs (float64, (n, outputs)) on inputs (n, *input_shape), run by onnxruntime.
-    With --mean/--std the file expects normalized inputs: normalize as the certified module does."""
-    normalize = state.normalizer
-    declared = state.session.get_inputs()[0]
-    outputs = []
-    for sample in x:
-        value = sample.unsqueeze(0)
-        if normalize is not None:
-            with torch.no_grad():
-                value = normalize(value.to(normalize.mean.device)).cpu()
-        value = value.float().numpy()
-        if len(declared.shape) == value.ndim - 1:
-            out = state.session.run(None, {declared.name: value[0]})[0]
-        else:
-            batch = declared.shape[0] if isinstance(declared.shape[0], int) and declared.shape[0] > 1 else 1
-            # A fixed batch > 1 takes full batches: repeat the sample and keep the first output.
-            out = np.asarray(state.session.run(None, {declared.name: np.repeat(value, batch, axis=0)})[0])
-            out = out[:1] if batch > 1 else out
-        outputs.append(np.asarray(out, dtype=np.float64).reshape(-1))
-    return torch.from_numpy(np.stack(outputs))
 
 
 def counterexample_name(onnx: str | Path, vnnlib: str | Path) -> str:

@@ -1,4 +1,4 @@
-"""Exact operator norms of Conv2d / Linear layers, and the norm-decay regularizer (methods.md section 2).
+"""Exact operator norms of Conv2d / Linear layers (harden.layers.norm_decay shrinks them).
 
 A conv layer is a linear map on one input sample (C_in x H x W). Its norms are those of that map,
 with its stride, padding, dilation and groups, on its real input size -- not the norms of the
@@ -297,18 +297,24 @@ def _conv_column_taps(conv: nn.Conv2d, input_hw):
             _axis_taps_per_input(*_axis_args(conv, 1, input_hw)))
 
 
+def _checked_weight(layer: nn.Module, input_hw: tuple[int, int] | None, which: str) -> torch.Tensor:
+    """The float64 effective weight of a Linear, or of a zero-padded Conv2d that fits input_hw."""
+    if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+        raise UserError(f"layer type {type(layer).__name__} has no {which} norm here", "use nn.Conv2d or nn.Linear")
+    if isinstance(layer, nn.Conv2d):
+        _require_zero_padding(layer, which)
+        if input_hw is not None:
+            ConvOperator.of(layer, input_hw)  # validates the size
+    return _float64(effective_weight(layer))
+
+
 def linf_norm(layer: nn.Module, input_hw: tuple[int, int] | None = None) -> float:
     """Max absolute row sum. Linear: max_i sum_j |W_ij|. Conv2d: max_o sum_{c,i,j} |K[o,c,i,j]|,
     which is exact once some output pixel sees all its taps inside the input; with input_hw the
     taps that fall into the zero padding are left out, which is exact for any input size."""
-    weight = _float64(effective_weight(layer))
+    weight = _checked_weight(layer, input_hw, "linf")
     if isinstance(layer, nn.Linear):
         return float(weight.abs().sum(1).max())
-    if not isinstance(layer, nn.Conv2d):
-        raise UserError(f"layer type {type(layer).__name__} has no linf norm here", "use nn.Conv2d or nn.Linear")
-    _require_zero_padding(layer, "linf")
-    if input_hw is not None:
-        ConvOperator.of(layer, input_hw)  # validates the size
     rows = _axis_taps_per_output(*_axis_args(layer, 0, input_hw))
     cols = _axis_taps_per_output(*_axis_args(layer, 1, input_hw))
     table = weight.abs().sum(1)  # (C_out, kh, kw): each output reads only its own group's channels
@@ -320,14 +326,9 @@ def l1_norm(layer: nn.Module, input_hw: tuple[int, int] | None = None) -> float:
     tap classes an input pixel meets (residues modulo the stride, cut by the borders), the sum of
     |K| over the output channels reading c and the taps of the class. Exact for the given input
     size; without input_hw, the value for a large input (an upper bound for small ones)."""
-    weight = _float64(effective_weight(layer))
+    weight = _checked_weight(layer, input_hw, "l1")
     if isinstance(layer, nn.Linear):
         return float(weight.abs().sum(0).max())
-    if not isinstance(layer, nn.Conv2d):
-        raise UserError(f"layer type {type(layer).__name__} has no l1 norm here", "use nn.Conv2d or nn.Linear")
-    _require_zero_padding(layer, "l1")
-    if input_hw is not None:
-        ConvOperator.of(layer, input_hw)
     rows, cols = _conv_column_taps(layer, input_hw)
     return float(_class_sums(_input_channel_table(weight, layer.groups), rows, cols).max())
 
@@ -354,72 +355,3 @@ def rank_tolerance(values: torch.Tensor, shape: tuple[int, ...]) -> float:
 def sparsity(weight: torch.Tensor) -> float:
     """Fraction of exactly-zero entries."""
     return float((weight == 0).sum()) / weight.numel() if weight.numel() else 0.0
-
-
-def _raw_weight(layer: nn.Module) -> torch.Tensor:
-    # Norm decay acts on the stored parameter: on a parametrized layer, the unconstrained original.
-    if hasattr(layer, "parametrizations") and "weight" in layer.parametrizations:
-        return layer.parametrizations.weight.original
-    return layer.weight
-
-
-def _linf_subgradient(weight: torch.Tensor) -> torch.Tensor:
-    flat = weight.detach().reshape(weight.shape[0], -1)
-    row = int(flat.abs().sum(1).argmax())
-    grad = torch.zeros_like(weight)
-    grad[row] = weight.detach()[row].sign()
-    return grad
-
-
-def _l1_subgradient(layer: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    w = weight.detach()
-    grad = torch.zeros_like(w)
-    if isinstance(layer, nn.Linear):
-        col = int(w.abs().sum(0).argmax())
-        grad[:, col] = w[:, col].sign()
-        return grad
-    rows, cols = _conv_column_taps(layer, None)
-    sums = _class_sums(_input_channel_table(w, layer.groups), rows, cols)  # (classes, C_in)
-    best = int(sums.argmax())
-    pair, channel = divmod(best, sums.shape[1])
-    row_set, col_set = rows[pair // len(cols)], cols[pair % len(cols)]
-    c_out, c_per_group = w.shape[0], w.shape[1]
-    group, local = divmod(channel, c_per_group)
-    outs = slice(group * (c_out // layer.groups), (group + 1) * (c_out // layer.groups))
-    taps = (row_set[:, None] & col_set[None, :]).to(w.device)
-    grad[outs, local] = w[outs, local].sign() * taps
-    return grad
-
-
-class NormDecay:
-    """Norm decay (Liang & Huang 2021): after backward(), before optimizer.step(), `apply(model)`
-    adds beta * h to the gradient of every Conv2d / Linear weight, where h is a momentum average
-    (h <- momentum*h + (1-momentum)*g) of the subgradient g of the layer's linf norm (sign(W) on
-    the arg-max row) or l1 norm (sign(W) on the arg-max column / tap class, for a large input).
-    Parametrized layers are decayed on their raw stored weight."""
-
-    def __init__(self, beta: float, p: str = "inf", momentum: float = 0.5):
-        if p not in ("inf", "1"):
-            raise UserError(f"norm decay supports p='inf' or p='1', got {p!r}", "choose --norm inf or --norm 1")
-        if not beta >= 0.0:
-            raise UserError(f"norm decay strength must be >= 0, got {beta}", "use a value in 1e-5..0.1")
-        if not 0.0 <= momentum < 1.0:
-            raise UserError(f"norm decay momentum must be in [0, 1), got {momentum}", "use 0.5")
-        self.beta, self.p, self.momentum = float(beta), p, float(momentum)
-        self._averages: dict[str, torch.Tensor] = {}
-
-    def apply(self, model: nn.Module) -> None:
-        for name, layer in model.named_modules():
-            if not isinstance(layer, (nn.Conv2d, nn.Linear)):
-                continue
-            weight = _raw_weight(layer)
-            if not weight.requires_grad:
-                continue
-            g = _linf_subgradient(weight) if self.p == "inf" else _l1_subgradient(layer, weight)
-            previous = self._averages.get(name)
-            average = (1.0 - self.momentum) * g if previous is None or previous.shape != g.shape \
-                else self.momentum * previous + (1.0 - self.momentum) * g
-            self._averages[name] = average
-            if weight.grad is None:
-                weight.grad = torch.zeros_like(weight)
-            weight.grad.add_(average, alpha=self.beta)

@@ -1,4 +1,4 @@
-"""Spectral normalization of the true layer operator (Farnia et al., ICLR 2019; methods.md section 1).
+"""Spectral normalization of the true layer operator (Farnia et al., ICLR 2019).
 
 Every selected Conv2d / Linear weight W is replaced, through a torch parametrization, by
 W / max(1, sigma(W) / beta): the operator norm is clipped at beta, never forced up to it. sigma is
@@ -17,7 +17,7 @@ checks each conv input against the recorded size and stops with a UserError on a
 because sigma measured on one size says nothing exact about another.
 
 State updates. `u` advances by `n_power_iterations` steps per weight access only in training
-mode and only outside `frozen_power_iteration(model)`; attacks and evaluation must not move it.
+mode and only outside `certify.common.modes.model_mode(model)`; attacks and evaluation must not move it.
 sigma = <A(u), v> with u and v detached, so gradients reach the raw weight through sigma too.
 
 BatchNorm. The documented strategy is `fold_batchnorm` before `apply_spectral_norm`: an eval-mode
@@ -27,14 +27,12 @@ normalized layer is the whole affine map the network applies.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from certify.common.errors import UserError
+from certify.common.modes import model_mode
 from harden.layers.norms import (ConvOperator, Operator, effective_weight, layer_operator,
                           power_iteration, power_steps, start_vector)
 
@@ -204,20 +202,6 @@ def apply_spectral_norm(model: nn.Module, beta: float, *, input_shape: tuple[int
     return records
 
 
-@contextlib.contextmanager
-def frozen_power_iteration(model: nn.Module) -> Iterator[None]:
-    """Within the block no spectral-norm state moves, whatever the module's mode (for attacks)."""
-    layers = [sn for _, _, sn in spectral_layers(model)]
-    previous = [sn.frozen for sn in layers]
-    for sn in layers:
-        sn.frozen = True
-    try:
-        yield
-    finally:
-        for sn, state in zip(layers, previous):
-            sn.frozen = state
-
-
 def _parametrization_input(layer: nn.Module, target: nn.Module) -> torch.Tensor:
     """The tensor the parametrization `target` receives: the original through the ones before it."""
     chain = layer.parametrizations.weight
@@ -234,14 +218,10 @@ def bake(model: nn.Module, *, iters: int = BAKE_ITERS, tol: float = BAKE_TOL) ->
     """Converge every spectral-norm state (float64, relative change < tol or `iters` steps), then
     replace each parametrized weight by its value (in place; every parametrization of that weight,
     e.g. a pruning mask before the norm, is baked with it). Returns the model."""
-    with frozen_power_iteration(model):
+    with model_mode(model):
         for _, layer, sn in spectral_layers(model):
-            modes = {module: module.training for module in layer.modules()}
-            layer.eval()
             sn.converge(_parametrization_input(layer, sn), iters=iters, tol=tol)
             parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
-            for module, mode in modes.items():
-                module.training = mode
             for key, hook in list(layer._forward_pre_hooks.items()):
                 if isinstance(hook, _InputSizeCheck):
                     del layer._forward_pre_hooks[key]

@@ -1,4 +1,4 @@
-"""Weight-Covariance Alignment noise (Eustratiadis et al., ICML 2021; methods.md section 3).
+"""Weight-Covariance Alignment noise (Eustratiadis et al., ICML 2021).
 
 The final Linear `logits = W z + b` of a classifier gets a noise layer in front of it:
 `z = h + eps`, `eps = xi @ L^T`, `xi ~ N(0, I)` drawn per example and per forward, so
@@ -105,11 +105,11 @@ class WCAHead(nn.Module):
     def regularizer(self) -> torch.Tensor:
         """-log tr(W Sigma W^T) = -log ||W L||_F^2, W the classifier weight actually used (after
         any spectral normalization). Differentiable in L and W; add it to the loss."""
-        from harden.layers.spectral import frozen_power_iteration
+        from certify.common.modes import model_mode
 
         # Reading a spectrally normalized weight in training mode would advance its power
         # iteration a second time per step; the forward pass already did.
-        with frozen_power_iteration(self.classifier):
+        with model_mode(self.classifier):
             weight = self.classifier.weight
         return -torch.log((weight @ self.noise.cholesky_factor()).pow(2).sum())
 

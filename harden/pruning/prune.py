@@ -1,4 +1,4 @@
-"""Pruning under a condition-number constraint (TSCNC, Feng et al. 2025; methods.md section 4).
+"""Pruning under a condition-number constraint (TSCNC, Feng et al. 2025).
 
 Masks. Every Conv2d / Linear weight gets a `Mask` parametrization W -> W * M (M a 0/1 buffer, so
 it is in the state dict). It is placed FIRST in the layer's parametrization chain, also on a layer
@@ -15,46 +15,33 @@ norm, i.e. what the network uses) by magnitude -- over all layers at once (globa
 layer (per-layer) -- and zeros exactly round(s * count) of them, already-pruned entries first, so
 masks only grow and the reached sparsity is exact.
 
-Loss. L_adv (harden.training.objectives: clean, pgd or trades) + tsc_weight * sum rho_a(|w|) over the masked
-weights, rho_a(t) = (a+1) t / (a+t) the transformed-l1 surrogate of l0 (on |w|: the reference
-feeds a signed value and gets a pole at w = -a) + cond_weight * sum over layers of Omega(W_hat),
-W_hat the masked weight as a C_out x (C_in*kh*kw) matrix (a strided conv's true operator is
-rank-deficient, so the reshaped kernel is the matrix whose conditioning is meant). Omega:
-  hinge   max(0, log sigma_max - log sigma_min - log kappa_max)^2, torch.linalg.svdvals in float64
-          (its gradient is stable even for repeated singular values);
-  logdet  (log(1e-5 + det(G / r)))^2, G the r x r Gram matrix of the smaller side, slogdet in
-          float64 (the reference's form, which it applies to its final Linear only; r as in the
-          reference, the size of G). It pulls det(G/r) to 1 rather than bounding kappa directly,
-          and where det(G/r) << 1e-5 (small weights, large r) the 1e-5 dominates and its gradient
-          vanishes: e.g. a 784 -> 32 Linear at PyTorch's default init. Kept as the reference has it.
-
-Live part. A row pruned to all zeros (a unit that no longer reads its input) or an all-zero
-column makes the full matrix singular, kappa = inf whatever the other weights are. Omega is
-therefore taken on the LIVE matrix, without all-zero rows and columns: the map the layer still
-computes, and the only thing the weights can condition. If even that is singular (or empty), no
-gradient can help: its Omega is left out of the loss and the record lists the layer.
-
-kappa is logged for every pruned layer right before and right after each event, and at the end,
-both of the full matrix (numpy's np.linalg.cond; inf when rank-deficient) and of its live part;
-all of it is kept in the run's history record in the bundle.
+Loss and live part: harden.pruning.criteria. The loop is harden.training.loop; this module adds the
+pruning events (before the step they are due at), the loss terms and the pruning state of a
+checkpoint, so `resume=` and torchrun work as for `harden finetune`.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from certify.common.errors import UserError
-from certify.common.progress import progress_bar, say
+from certify.common.progress import say
+from certify.common.seeds import generator
 from certify.data.datasets import Dataset
 from harden.io.bundle import Bundle
+from harden.training.checkpoint import check_resume, epoch_checkpoint, restore_checkpoint, save_checkpoint
+from harden.training.loop import Loop, TrainStep, place_device, start_processes, training_module, wrap_step
+from harden.training.objectives import LayerTerms, Step, draw_start, make_objective
 from harden.layers.masks import Mask, attach_masks, prunable_layers, zero_pruned_originals
-from harden.layers.norms import condition_number, effective_weight, rank_tolerance
+from harden.pruning.criteria import (condition_hinge, condition_logdet, cubic_sparsity, event_line, json_kappa,
+                                     kappa, layer_kappas, layer_sparsities, live_kappa, live_matrix, magnitude_masks, pruning_events,
+                                     prune_event, transformed_l1, weight_matrix)
 from harden.training.train import check_common_options, is_finite_number
 
 SCHEDULES = ("cubic", "oneshot")
@@ -62,131 +49,10 @@ SCOPES = ("global", "per-layer")
 COND_FORMS = ("hinge", "logdet")
 OBJECTIVES = ("clean", "pgd", "trades")
 DEFAULT_COND_WEIGHT = {"hinge": 1.0, "logdet": 1e-3}
-LOGDET_FLOOR = 1e-5  # the reference's 1e-5 inside the log
-
-
-# -- layers and masks -------------------------------------------------------------------------------
-
-
-def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """A Linear weight as it is; a conv kernel as C_out x (C_in*kh*kw)."""
-    return weight.reshape(weight.shape[0], -1)
-
-
-# kappa of a layer's weight matrix (inf when numerically rank-deficient): one implementation, in norms.
-kappa = condition_number
-
-
-def live_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """The weight matrix without its all-zero rows and columns (differentiable in the rest).
-
-    A row pruned to zero is an output unit that no longer depends on the input (a removed neuron
-    or channel), a zero column an input nobody reads; the full matrix is then singular by
-    construction, kappa = inf whatever the other weights are. The live part is the map the layer
-    still computes between the units that remain, and its conditioning is what weights can change."""
-    matrix = weight_matrix(weight)
-    nonzero = matrix.detach() != 0
-    return matrix[nonzero.any(1)][:, nonzero.any(0)]
-
-
-def live_kappa(weight: torch.Tensor) -> float:
-    """`kappa` of the live part (inf when nothing is left or the live part is still singular)."""
-    matrix = live_matrix(weight.detach().cpu().to(torch.float64))
-    return kappa(matrix) if matrix.numel() else float("inf")
-
-
-def layer_kappas(model: nn.Module, names: list[str], *, live: bool = False) -> dict[str, float]:
-    layers = dict(prunable_layers(model))
-    measure = live_kappa if live else kappa
-    return {name: measure(effective_weight(layers[name])) for name in names}
-
-
-def layer_sparsities(model: nn.Module, names: list[str]) -> dict[str, tuple[int, int]]:
-    """name -> (zeros, entries) of the effective weight."""
-    layers = dict(prunable_layers(model))
-    out = {}
-    for name in names:
-        weight = effective_weight(layers[name])
-        out[name] = (int((weight == 0).sum()), weight.numel())
-    return out
-
-
-# -- schedule and masks -----------------------------------------------------------------------------
-
-def cubic_sparsity(k: int, events: int, final: float) -> float:
-    """s_k = s_f (1 - (1 - k/T)^3): fast at first, when many weights are near zero, slow at the end."""
-    return final * (1.0 - (1.0 - k / events) ** 3)
-
-
-def pruning_events(total_steps: int, final: float, schedule: str, events: int,
-                   prune_fraction: float) -> list[tuple[int, float]]:
-    """(training step, target sparsity) of each event; the last target is `final` exactly."""
-    if schedule == "oneshot":
-        return [(0, final)]
-    phase = min(total_steps - 1, int(total_steps * prune_fraction))
-    return [(((k - 1) * phase) // events, final if k == events else cubic_sparsity(k, events, final))
-            for k in range(1, events + 1)]
-
-
-def magnitude_masks(weights: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], sparsity: float,
-                    scope: str) -> dict[str, torch.Tensor]:
-    """New masks zeroing exactly round(sparsity * count) entries, globally or per layer: the ones
-    already masked first (masks only grow), then the smallest |weight|. Ties break by position."""
-    def prune(scores: torch.Tensor, count: int) -> torch.Tensor:
-        keep = torch.ones_like(scores, dtype=torch.bool)
-        order = torch.argsort(scores, stable=True)
-        keep[order[:count]] = False
-        return keep
-
-    scores = {name: torch.where(masks[name], weights[name].detach().abs().to(torch.float64),
-                                torch.tensor(-1.0, dtype=torch.float64, device=weights[name].device))
-              for name in weights}
-    if scope == "per-layer":
-        return {name: prune(score.flatten(), round(sparsity * score.numel())).view_as(score)
-                for name, score in scores.items()}
-    flat = torch.cat([score.flatten().cpu() for score in scores.values()])
-    keep = prune(flat, round(sparsity * flat.numel()))
-    out, start = {}, 0
-    for name, score in scores.items():
-        out[name] = keep[start:start + score.numel()].view_as(score).to(score.device)
-        start += score.numel()
-    return out
-
-
-# -- loss terms ---------------------------------------------------------------------------------------
-
-def transformed_l1(weight: torch.Tensor, a: float) -> torch.Tensor:
-    """sum_i rho_a(|w_i|), rho_a(t) = (a+1) t / (a+t)."""
-    t = weight.abs()
-    return ((a + 1.0) * t / (a + t)).sum()
-
-
-def condition_hinge(weight: torch.Tensor, kappa_max: float) -> torch.Tensor | None:
-    """max(0, log sigma_max - log sigma_min - log kappa_max)^2 of the live matrix; None when that
-    is empty or singular (no gradient can lower its kappa)."""
-    matrix = live_matrix(weight).to(torch.float64)
-    if matrix.numel() == 0:
-        return None
-    values = torch.linalg.svdvals(matrix)
-    if float(values.detach().min()) <= rank_tolerance(values.detach(), matrix.shape):
-        return None
-    excess = torch.log(values.max()) - torch.log(values.min()) - math.log(kappa_max)
-    return F.relu(excess) ** 2
-
-
-def condition_logdet(weight: torch.Tensor) -> torch.Tensor | None:
-    """(log(1e-5 + det(G / r)))^2, G the r x r Gram matrix of the smaller side of the live
-    matrix; None when that is empty or G is singular (slogdet has no gradient there)."""
-    matrix = live_matrix(weight).to(torch.float64)
-    if matrix.numel() == 0:
-        return None
-    gram = matrix @ matrix.T if matrix.shape[0] <= matrix.shape[1] else matrix.T @ matrix
-    sign, logdet = torch.linalg.slogdet(gram / gram.shape[0])
-    if float(sign.detach()) <= 0 or not torch.isfinite(logdet.detach()):
-        return None
-    # log(1e-5 + det) without forming det, which under- or overflows for large r.
-    return torch.logaddexp(logdet, torch.tensor(math.log(LOGDET_FLOOR), dtype=logdet.dtype,
-                                                device=logdet.device)) ** 2
+# The pieces in harden.pruning.criteria stay importable from here (tests, harden inspect).
+__all__ = ["PruneConfig", "condition_hinge", "condition_logdet", "cubic_sparsity", "kappa", "layer_kappas",
+           "live_kappa", "live_matrix", "magnitude_masks", "objective_from_history", "prune", "pruning_events",
+           "transformed_l1", "weight_matrix"]
 
 
 # -- configuration ------------------------------------------------------------------------------------
@@ -216,6 +82,11 @@ class PruneConfig:
     @property
     def condition_on(self) -> bool:
         return self.condition_weight() > 0
+
+    def resume_key(self) -> dict:
+        """The settings a resumed run must share with the checkpoint: all but the evaluation size
+        (the epochs too: the pruning events are spread over all the steps)."""
+        return {k: v for k, v in asdict(self).items() if k != "eval_limit"}
 
     def condition_weight(self) -> float:
         if self.cond_form == "hinge" and self.kappa_max is None:
@@ -283,182 +154,205 @@ def objective_from_history(bundle: Bundle) -> tuple[str, float, str] | None:
 
 # -- the loop -----------------------------------------------------------------------------------------
 
-def _training_module(bundle: Bundle) -> nn.Module:
-    # Attacks work in pixel space: put the model's input normalization (if any) in front.
-    from certify.specs.input_spec import InputSpec, with_normalization
-
-    spec = InputSpec(mean=bundle.data.get("mean"), std=bundle.data.get("std"))
-    return with_normalization(bundle.module, spec, tuple(bundle.input_shape))
-
-
 def _condition_term(config: PruneConfig, weight: torch.Tensor) -> torch.Tensor | None:
     if config.cond_form == "hinge":
         return condition_hinge(weight, config.kappa_max)
     return condition_logdet(weight)
 
 
-def _finite(value: float) -> float | None:
-    # JSON has no inf: None stands for a rank-deficient (infinite-kappa) matrix, as in `harden inspect`.
-    return value if math.isfinite(value) else None
-
-
 def _format_kappa(value: float) -> str:
     return "inf" if not math.isfinite(value) else f"{value:.3g}"
 
 
+@dataclass
+class _Pruning:
+    """The state of a pruning run that a checkpoint carries beside the weights (masks included)."""
+    names: list[str]
+    masks: dict[str, Mask]
+    events: list[tuple[int, float]]
+    next_event: int = 0
+    log: list[dict] = field(default_factory=list)
+    left_out: set[str] = field(default_factory=set)
+
+    def state(self) -> dict:
+        return {"next_event": self.next_event, "prune_events": self.log, "condition_left_out": sorted(self.left_out)}
+
+    def load(self, meta: dict, path) -> None:
+        try:
+            self.next_event, self.log = int(meta["next_event"]), list(meta["prune_events"])
+            self.left_out = {str(name) for name in meta["condition_left_out"]}
+        except (KeyError, TypeError, ValueError):
+            raise UserError(f"{path} is not a checkpoint of harden prune (no pruning state)",
+                            "give the .ckpt.safetensors file that harden prune wrote") from None
+
+
 def prune(bundle: Bundle, train: Dataset, test: Dataset | None, config: PruneConfig, *,
-          device: str | None = None, quiet: bool = False) -> dict:
+          device: str | None = None, checkpoint: str | Path | None = None,
+          checkpoint_dir: str | Path | None = None, resume: str | Path | None = None, quiet: bool = False) -> dict:
     """Prune `bundle.module` in place to `config.sparsity`; returns the history record it appends
     to `bundle.history` (events with per-layer kappa before/after, final sparsity and kappa,
-    test accuracies). Adds (or updates) the "prune" step of the bundle's recipe."""
-    from harden.training.finetune import FinetuneConfig, check_data, evaluate
-    from harden.training.objectives import LayerTerms, Step, draw_start, make_objective
-    from harden.training.train import pick_device
+    test accuracies). Adds (or updates) the "prune" step of the bundle's recipe.
+
+    `checkpoint`: file rewritten after every epoch (weights, masks, optimizer, RNG and the pruning
+    events so far); `checkpoint_dir`: one such file per epoch there; `resume`: such a checkpoint to continue from (same model file, data and settings).
+    Under torchrun it runs on every process (DDP), as `finetune` does."""
+    from harden.training.finetune import check_data
 
     input_range = tuple(bundle.data.get("input_range", (0.0, 1.0)))
     config.validate(tuple(bundle.input_shape), input_range)
-    dev = pick_device(device)
+    dev = place_device(device)  # the one device check, before anything else is read
     check_data(bundle, train, test)
-    started = time.perf_counter()
-    torch.manual_seed(config.seed)
-    bundle.module.to(dev)
-    module = _training_module(bundle).to(dev)
     names = [name for name, _ in prunable_layers(bundle.module)]
     if not names:
         raise UserError("the model has no Conv2d or Linear layer to prune", "pruning works on Conv2d/Linear weights")
     masks = attach_masks(bundle.module, names)
-    layers = dict(prunable_layers(bundle.module))
+    resumed = check_resume(resume, config, bundle.module, train_samples=len(train)) if resume is not None else None
+    processes = start_processes(dev)
+    try:
+        record = _run(bundle, train, test, config, names, masks, dev, processes, input_range,
+                      (checkpoint, checkpoint_dir), resume, resumed, quiet or not processes.main)
+    finally:
+        processes.close()
+    bundle.module.to("cpu").eval()
+    _record_step(bundle, names)
+    bundle.history.append(record)
+    return record
+
+
+def _run(bundle, train, test, config, names, masks, dev, processes, input_range, checkpoints, resume, resumed,
+         quiet) -> dict:
+    from harden.training.finetune import FinetuneConfig, evaluate
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)
+    bundle.module.to(dev)
+    module = training_module(bundle).to(dev)
     objective = make_objective(config.train, norm=config.norm, input_shape=tuple(bundle.input_shape),
                                input_range=input_range, steps=config.steps)
     terms = LayerTerms()
     optimizer = torch.optim.Adam(bundle.module.parameters(), lr=config.lr)
-    cond_weight = config.condition_weight()
+    start_epoch, epochs_log = 0, []
+    n = len(train)
+    steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
+    pruning = _Pruning(names, masks, pruning_events(config.epochs * steps_per_epoch, config.sparsity,
+                                                    config.schedule, config.prune_steps, config.prune_fraction))
+    if resumed is not None:
+        meta, tensors = resumed
+        pruning.load(meta, resume)
+        restore_checkpoint(meta, tensors, Path(resume), module=bundle.module, optimizer=optimizer, terms=terms,
+                           device=dev)
+        start_epoch, epochs_log = int(meta["epoch"]), list(meta["epochs"])
+    step = TrainStep(module, objective, lambda: _weight_terms(config, bundle.module, terms, pruning),
+                     touch_all=processes.world > 1)
+    loop = Loop("prune", wrap_step(step, processes, dev), module, optimizer, train.x, train.y, config.epochs,
+                config.batch_size, config.seed, dev, processes, quiet=quiet)
+    _prune_hooks(loop, config, objective, bundle, train, terms, pruning, checkpoints, quiet)
+    _say_start(config, len(pruning.events), n, dev, processes.world, start_epoch, quiet)
+    epochs_log = loop.run(start_epoch, epochs_log)
+    processes.barrier()
 
-    n, batch = len(train), config.batch_size
-    steps_per_epoch = (n + batch - 1) // batch
-    total_steps = config.epochs * steps_per_epoch
-    events = pruning_events(total_steps, config.sparsity, config.schedule, config.prune_steps, config.prune_fraction)
-    sample_shape = tuple(train.x.shape[1:])
-    constraint = ("none" if not config.condition_on else
-                  f"hinge kappa_max {config.kappa_max:g}" if config.cond_form == "hinge" else "logdet (reference form)")
-    say(f"prune to {config.sparsity:.2%} ({config.scope}, {config.schedule}, {len(events)} event(s)), "
-        f"{config.train} training{f' eps {config.eps:g}' if config.train != 'clean' else ''}, "
-        f"condition constraint: {constraint}{f' x{cond_weight:g}' if config.condition_on else ''}, "
-        f"tsc {config.tsc_weight:g}; {n} samples, {config.epochs} epochs on {dev}", quiet=quiet)
-
-    event_log: list[dict] = []
-    next_event, left_out = 0, set()
-    epochs_log: list[dict] = []
-    with progress_bar(quiet=quiet) as bar:
-        task = bar.add_task("prune", total=total_steps, status="")
-        for epoch in range(config.epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 7_919 + epoch))
-            noise = torch.Generator().manual_seed(config.seed * 104_729 + epoch + 1)
-            totals = torch.zeros(3, dtype=torch.float64)  # loss sum, clean correct, samples
-            for s in range(steps_per_epoch):
-                global_step = epoch * steps_per_epoch + s
-                while next_event < len(events) and events[next_event][0] <= global_step:
-                    record = _prune_event(bundle.module, masks, names, events[next_event][1], config.scope)
-                    record.update({"event": next_event + 1, "step": global_step})
-                    event_log.append(record)
-                    next_event += 1
-                    say(_event_line(record, len(events)), quiet=quiet)
-                rows = order[s * batch:(s + 1) * batch]
-                x, y = train.x[rows].to(dev), train.y[rows].to(dev)
-                start_noise = None
-                if objective.uses_start_noise and config.eps > 0:
-                    start_noise = draw_start(noise, (len(rows), *sample_shape), config.norm, config.eps).to(dev)
-                module.train()
-                result = objective(module, x, y, Step(config.eps, 1.0, start_noise))
-                loss = result.losses.mean()
-                extra = terms.loss(bundle.module)
-                if extra is not None:
-                    loss = loss + extra
-                if config.tsc_weight > 0 or config.condition_on:
-                    weights = {name: layers[name].weight for name in names}
-                    if config.tsc_weight > 0:
-                        loss = loss + config.tsc_weight * sum(transformed_l1(w, config.tsc_a) for w in weights.values())
-                    if config.condition_on:
-                        omega = [(name, _condition_term(config, w)) for name, w in weights.items()]
-                        left_out.update(name for name, term in omega if term is None)
-                        present = [term for _, term in omega if term is not None]
-                        if present:
-                            loss = loss + cond_weight * torch.stack(present).sum().to(loss.dtype)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                totals += torch.tensor([float(result.losses.detach().sum()), float(result.clean_correct.sum()),
-                                        len(rows)], dtype=torch.float64)
-                seen = max(totals[2].item(), 1)
-                bar.update(task, advance=1, status=(
-                    f"epoch {epoch + 1}/{config.epochs} loss {totals[0].item() / seen:.3f} "
-                    f"clean {100 * totals[1].item() / seen:.1f}%"))
-            epochs_log.append({"epoch": epoch + 1, "loss": totals[0].item() / max(totals[2].item(), 1),
-                               "train_clean_accuracy": totals[1].item() / max(totals[2].item(), 1)})
-
-    zero_pruned_originals(bundle.module)
-    final_kappa = layer_kappas(bundle.module, names)
-    final_live = layer_kappas(bundle.module, names, live=True)
-    counts = layer_sparsities(bundle.module, names)
-    zeros, entries = sum(z for z, _ in counts.values()), sum(e for _, e in counts.values())
-    record = {"run": "prune", **asdict(config), "cond_weight": cond_weight, "dataset": train.name,
-              "train_samples": n, "device": str(dev), "layers": names, "events": event_log,
-              "epochs_log": epochs_log, "condition_left_out": sorted(left_out),
-              "final": {"sparsity": zeros / entries, "zeros": zeros, "entries": entries,
-                        "per_layer": {name: {"sparsity": counts[name][0] / counts[name][1],
-                                             "zeros": counts[name][0], "kappa": _finite(final_kappa[name]),
-                                             "live_kappa": _finite(final_live[name])}
-                                      for name in names},
-                        "max_kappa": _finite(max(final_kappa.values())),
-                        "max_live_kappa": _finite(max(final_live.values()))}}
-    if test is not None:
+    record = {"run": "prune", **asdict(config), "cond_weight": config.condition_weight(), "dataset": train.name,
+              "train_samples": n, "device": str(dev), "world_size": processes.world, "layers": names,
+              "events": pruning.log, "epochs_log": epochs_log, "condition_left_out": sorted(pruning.left_out),
+              "resumed_from": str(resume) if resume is not None else None,
+              "final": _final_state(bundle.module, names, quiet)}
+    if test is not None and processes.main:
         evaluation = FinetuneConfig(train="clean" if config.train == "clean" else "pgd", eps=config.eps,
                                     norm=config.norm, steps=config.steps, seed=config.seed)
         record.update(evaluate(module, test.subset(config.eval_limit), evaluation, input_range,
                                tuple(bundle.input_shape), device=dev))
     record["seconds"] = round(time.perf_counter() - started, 1)
-    bundle.module.to("cpu").eval()
-    _record_step(bundle, names)
-    bundle.history.append(record)
-    say("final: " + ", ".join(f"{name} {100 * counts[name][0] / counts[name][1]:.1f}% kappa "
-                              f"{_format_kappa(final_kappa[name])} (live {_format_kappa(final_live[name])})"
-                              for name in names), quiet=quiet)
     return record
 
 
-def _prune_event(model: nn.Module, masks: dict[str, Mask], names: list[str], sparsity: float, scope: str) -> dict:
+def _weight_terms(config: PruneConfig, model: nn.Module, terms: LayerTerms, pruning: _Pruning) -> torch.Tensor | None:
+    """The layers' own terms + tsc_weight * transformed l1 + cond_weight * Omega, on the masked weights."""
+    loss = terms.loss(model)
+    if config.tsc_weight <= 0 and not config.condition_on:
+        return loss
     layers = dict(prunable_layers(model))
-    weights = {name: effective_weight(layers[name]) for name in names}
-    before = {name: (kappa(w), live_kappa(w)) for name, w in weights.items()}
-    new = magnitude_masks(weights, {name: masks[name].mask for name in names}, sparsity, scope)
-    with torch.no_grad():
-        for name in names:
-            masks[name].mask.copy_(new[name])
+    weights = {name: layers[name].weight for name in pruning.names}
+    total = loss if loss is not None else 0.0
+    if config.tsc_weight > 0:
+        total = total + config.tsc_weight * sum(transformed_l1(w, config.tsc_a) for w in weights.values())
+    if config.condition_on:
+        omega = [(name, _condition_term(config, w)) for name, w in weights.items()]
+        pruning.left_out.update(name for name, term in omega if term is None)
+        present = [term for _, term in omega if term is not None]
+        if present:
+            total = total + config.condition_weight() * torch.stack(present).sum().to(weights[pruning.names[0]].dtype)
+    return total if torch.is_tensor(total) else None
+
+
+def _prune_hooks(loop: Loop, config: PruneConfig, objective, bundle: Bundle, train: Dataset, terms: LayerTerms,
+                 pruning: _Pruning, checkpoints: tuple, quiet: bool) -> None:
+    """Pruning events before the step they are due at, attack starts at the full eps (stream 1 of
+    (seed, epoch)), the progress line and the per-epoch checkpoint of a pruning run."""
+    sample_shape = tuple(train.x.shape[1:])
+    noise = {}
+    world, rank = loop.processes.world, loop.processes.rank
+
+    def step_input(epoch: int, global_step: int, rows: torch.Tensor) -> Step:
+        while pruning.next_event < len(pruning.events) and pruning.events[pruning.next_event][0] <= global_step:
+            record = prune_event(bundle.module, pruning.masks, pruning.names,
+                                  pruning.events[pruning.next_event][1], config.scope)
+            record.update({"event": pruning.next_event + 1, "step": global_step})
+            pruning.log.append(record)
+            pruning.next_event += 1
+            say(event_line(record, len(pruning.events)), quiet=quiet)
+        start_noise = None
+        if objective.uses_start_noise and config.eps > 0:
+            generator_ = noise.setdefault(epoch, generator(config.seed, epoch, 1))
+            start_noise = draw_start(generator_, (len(rows), *sample_shape), config.norm, config.eps)
+            start_noise = start_noise.tensor_split(world)[rank].to(loop.device)
+        return Step(config.eps, 1.0, start_noise)
+
+    def status(epoch: int, totals: torch.Tensor) -> str:
+        seen = max(totals[3].item(), 1)
+        return (f"epoch {epoch + 1}/{config.epochs} loss {totals[0].item() / seen:.3f} "
+                f"clean {100 * totals[1].item() / seen:.1f}%")
+
+    checkpoint, checkpoint_dir = checkpoints
+
+    def save(epoch: int, epochs_log: list[dict]) -> None:
+        if checkpoint is not None or checkpoint_dir is not None:
+            path = epoch_checkpoint(checkpoint_dir, epoch + 1) if checkpoint_dir is not None else Path(checkpoint)
+            save_checkpoint(path, module=bundle.module, optimizer=loop.optimizer, terms=terms,
+                            epoch=epoch + 1, config=config, epochs_log=epochs_log,
+                            extra={"train_samples": len(train), "dataset": train.name,
+                                   "world_size": world, **pruning.state()})
+
+    loop.step_input, loop.status, loop.save = step_input, status, save
+
+
+def _say_start(config: PruneConfig, events: int, n: int, dev, world: int, start_epoch: int, quiet: bool) -> None:
+    cond_weight = config.condition_weight()
+    constraint = ("none" if not config.condition_on else
+                  f"hinge kappa_max {config.kappa_max:g}" if config.cond_form == "hinge" else "logdet (reference form)")
+    say(f"prune to {config.sparsity:.2%} ({config.scope}, {config.schedule}, {events} event(s)), "
+        f"{config.train} training{f' eps {config.eps:g}' if config.train != 'clean' else ''}, "
+        f"condition constraint: {constraint}{f' x{cond_weight:g}' if config.condition_on else ''}, "
+        f"tsc {config.tsc_weight:g}; {n} samples, {config.epochs} epochs, {world} process(es) on {dev}"
+        + (f"; resuming after epoch {start_epoch}" if start_epoch else ""), quiet=quiet)
+
+
+def _final_state(model: nn.Module, names: list[str], quiet: bool) -> dict:
+    """Sparsity and kappa (full and live) of every pruned layer once training is done."""
     zero_pruned_originals(model)
-    after = {name: (kappa(w), live_kappa(w)) for name, w in
-             ((name, effective_weight(layers[name])) for name in names)}
+    final_kappa = layer_kappas(model, names)
+    final_live = layer_kappas(model, names, live=True)
     counts = layer_sparsities(model, names)
-    return {"target_sparsity": sparsity,
-            "sparsity": sum(z for z, _ in counts.values()) / sum(e for _, e in counts.values()),
-            "layers": {name: {"sparsity": counts[name][0] / counts[name][1],
-                              "kappa_before": _finite(before[name][0]), "kappa_after": _finite(after[name][0]),
-                              "live_kappa_before": _finite(before[name][1]),
-                              "live_kappa_after": _finite(after[name][1])}
-                       for name in names}}
-
-
-def _event_line(record: dict, total: int) -> str:
-    def shown(value):
-        return "inf" if value is None else f"{value:.3g}"
-
-    parts = []
-    for name, v in record["layers"].items():
-        part = f"{name} {shown(v['kappa_before'])}->{shown(v['kappa_after'])}"
-        if v["kappa_after"] is None:
-            part += f" (live {shown(v['live_kappa_before'])}->{shown(v['live_kappa_after'])})"
-        parts.append(part)
-    return (f"  pruning {record['event']}/{total} at step {record['step']}: sparsity {100 * record['sparsity']:.2f}%; "
-            f"kappa " + ", ".join(parts))
+    zeros, entries = sum(z for z, _ in counts.values()), sum(e for _, e in counts.values())
+    say("final: " + ", ".join(f"{name} {100 * counts[name][0] / counts[name][1]:.1f}% kappa "
+                              f"{_format_kappa(final_kappa[name])} (live {_format_kappa(final_live[name])})"
+                              for name in names), quiet=quiet)
+    return {"sparsity": zeros / entries, "zeros": zeros, "entries": entries,
+            "per_layer": {name: {"sparsity": counts[name][0] / counts[name][1],
+                                 "zeros": counts[name][0], "kappa": json_kappa(final_kappa[name]),
+                                 "live_kappa": json_kappa(final_live[name])}
+                          for name in names},
+            "max_kappa": json_kappa(max(final_kappa.values())),
+            "max_live_kappa": json_kappa(max(final_live.values()))}
 
 
 def _record_step(bundle: Bundle, names: list[str]) -> None:

@@ -7,11 +7,9 @@ import time
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from certify.data.datasets import Dataset
 from certify.common.errors import UserError
-from certify.common.progress import progress_bar
 from harden.io.bundle import Bundle
 
 
@@ -74,29 +72,25 @@ def accuracy(module: nn.Module, dataset: Dataset, *, device: torch.device, batch
 
 def train_clean(bundle: Bundle, train: Dataset, test: Dataset, *, epochs: int = 3, lr: float = 1e-3,
                 batch_size: int = 128, seed: int = 0, device: str | None = None, quiet: bool = False) -> dict:
-    """Train `bundle.module` with cross-entropy and Adam; returns the history record it appends."""
+    """Train `bundle.module` with cross-entropy and Adam (the one training loop, harden.training.loop,
+    with the clean objective); returns the history record it appends."""
+    from harden.training.loop import Loop, TrainStep
+    from harden.training.objectives import Clean
+
     check_common_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     if len(train) == 0:
         raise UserError("the training data is empty", "give a dataset with samples")
     dev = pick_device(device)
-    generator = seed_everything(seed)
+    # One generator for the whole run: each epoch's order continues the previous one's stream.
+    order = seed_everything(seed)
     module = bundle.module.to(dev)
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
-    steps_per_epoch = (len(train) + batch_size - 1) // batch_size
     started = time.perf_counter()
-    with progress_bar(quiet=quiet) as bar:
-        task = bar.add_task("train", total=epochs * steps_per_epoch, status="")
-        for epoch in range(epochs):
-            module.train()
-            order = torch.randperm(len(train), generator=generator)
-            for step in range(steps_per_epoch):
-                index = order[step * batch_size:(step + 1) * batch_size]
-                x, y = train.x[index].to(dev), train.y[index].to(dev)
-                loss = F.cross_entropy(module(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                bar.update(task, advance=1, status=f"epoch {epoch + 1}/{epochs} loss {loss.item():.3f}")
+    loop = Loop("train", TrainStep(module, Clean(), lambda: None, touch_all=False), module, optimizer,
+                train.x, train.y, epochs, batch_size, seed, dev, quiet=quiet,
+                order=lambda epoch: torch.randperm(len(train), generator=order),
+                status=lambda epoch, totals: f"epoch {epoch + 1}/{epochs} loss {totals[0].item() / max(totals[3].item(), 1):.3f}")
+    loop.run()
     test_accuracy = accuracy(module, test, device=dev)
     module.to("cpu").eval()
     record = {"run": "train", "loss": "clean", "epochs": epochs, "lr": lr, "batch_size": batch_size,
