@@ -149,7 +149,7 @@ def show(document: dict) -> None:
                       f"{100 * row['ibp_verified_accuracy']:.2f}", f"{100 * c['verified_accuracy']:.2f}",
                       f"{row['train_seconds']:.0f}", f"{c['seconds']:.0f}")
     ref = document["reference"]
-    table.add_row("target (issue 4)", "10000", f"{100 * ref['target_clean']:.1f}", "", "",
+    table.add_row("target", "10000", f"{100 * ref['target_clean']:.1f}", "", "",
                   f"{100 * ref['target_verified']:.1f}", "<= 1800", "")
     table.add_row("CPU IBP recipe (env.md)", "10000", f"{100 * ref['cpu_ibp_recipe_clean']:.1f}", "",
                   f"{100 * ref['cpu_ibp_recipe_ibp_verified']:.1f}", "", "660", "")
