@@ -22,6 +22,9 @@ import time
 
 import torch
 
+from benchmarks.common import finish
+from benchmarks.common import table as new_table
+
 REFERENCE = {"target_clean": 0.985, "target_verified": 0.96,
              "cpu_ibp_recipe_clean": 0.984, "cpu_ibp_recipe_ibp_verified": 0.957,
              "published_gpu_verified": [0.978, 0.984]}
@@ -88,9 +91,9 @@ def main(argv: list[str] | None = None) -> dict:
     from certify.data.datasets import load_dataset
     from harden.io.bundle import Bundle
     from harden.io.bundle_file import save_bundle
+    from harden.io.zoo import small_cnn
     from harden.training.finetune import FinetuneConfig, evaluate, finetune
     from harden.training.train import train_clean
-    from harden.io.zoo import small_cnn
 
     train = load_dataset("mnist", split="train").subset(args.train_limit)
     test = load_dataset("mnist", split="test").subset(args.test_limit)
@@ -128,21 +131,13 @@ def main(argv: list[str] | None = None) -> dict:
                 "eps_schedule": args.eps_schedule, "lr": args.lr, "lr_schedule": args.lr_schedule,
                 "train_samples": len(train), "test_samples": len(test), "methods": list(methods),
                 "threads": args.threads, "measured": rows, "reference": REFERENCE}
-    show(document)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(document, handle, indent=1)
-    return document
+    return finish(document, args.json, show)
 
 
 def show(document: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"small CNN, MNIST linf eps {document['eps']:g}: {document['train']} training "
-                        f"({document['epochs']} epochs, train eps {document['train_eps']:g})")
-    for column in ("model", "images", "clean", "PGD", "IBP-verified", "verified (cascade)", "train s", "certify s"):
-        table.add_column(column, justify="right")
+    table = new_table(f"small CNN, MNIST linf eps {document['eps']:g}: {document['train']} training "
+                        f"({document['epochs']} epochs, train eps {document['train_eps']:g})", ("model", "images", "clean", "PGD", "IBP-verified", "verified (cascade)", "train s", "certify s"))
     for name, row in document["measured"].items():
         c = row["cascade"]
         table.add_row(name, str(c["samples"]), f"{100 * c['clean_accuracy']:.2f}", f"{100 * c['pgd_accuracy']:.2f}",

@@ -22,6 +22,9 @@ import time
 
 import torch
 
+from benchmarks.common import finish
+from benchmarks.common import table as new_table
+
 PAPER = {"no_sn": 0.876, "sn": 0.959, "beta": 8.0}
 
 
@@ -40,10 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from certify.data.datasets import load_dataset
-    from harden.io.bundle import Bundle
     from harden.convert import convert
-    from harden.training.finetune import FinetuneConfig, evaluate, finetune
+    from harden.io.bundle import Bundle
     from harden.io.zoo import mlp_elu_512
+    from harden.training.finetune import FinetuneConfig, evaluate, finetune
 
     train = load_dataset("mnist", split="train").subset(args.train_limit)
     test = load_dataset("mnist", split="test").subset(args.test_limit)
@@ -74,21 +77,13 @@ def main(argv: list[str] | None = None) -> dict:
     document = {"benchmark": "farnia-mnist-mlp-elu-512-fgm-l2", "eps_l2": eps, "beta": args.beta,
                 "epochs": args.epochs, "train_samples": len(train), "test_samples": len(test),
                 "threads": args.threads, "measured": rows, "paper": PAPER}
-    show(document)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(document, handle, indent=1)
-    return document
+    return finish(document, args.json, show)
 
 
 def show(document: dict) -> None:
     from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"Farnia et al. MNIST MLP 1x512 ELU, FGM-l2 eps {document['eps_l2']:.3f}, "
-                        f"{document['epochs']} epochs, {document['test_samples']} test images")
-    for column in ("model", "clean acc", "FGM acc (measured)", "FGM acc (paper)", "FGM acc, true labels", "train s"):
-        table.add_column(column, justify="right")
+    table = new_table(f"Farnia et al. MNIST MLP 1x512 ELU, FGM-l2 eps {document['eps_l2']:.3f}, "
+                        f"{document['epochs']} epochs, {document['test_samples']} test images", ("model", "clean acc", "FGM acc (measured)", "FGM acc (paper)", "FGM acc, true labels", "train s"))
     for name, label in (("no_sn", "no SN"), ("sn", f"SN beta={document['beta']:g}")):
         row = document["measured"][name]
         table.add_row(label, f"{100 * row['test_clean_accuracy']:.1f}", f"{100 * row['test_fgm_accuracy']:.1f}",

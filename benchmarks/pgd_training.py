@@ -21,6 +21,8 @@ import time
 
 import torch
 
+from benchmarks.common import finish
+
 
 def pgd_accuracy(module, test, *, eps: float, steps: int, batch_size: int = 500, seed: int = 0) -> float:
     from certify.attacks.gradient import PGD
@@ -53,11 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
 
     from certify.data.datasets import load_dataset
-    from harden.io.bundle import Bundle
     from harden.convert import convert
+    from harden.io.bundle import Bundle
+    from harden.io.zoo import small_cnn
     from harden.training.finetune import FinetuneConfig, finetune
     from harden.training.train import accuracy, train_clean
-    from harden.io.zoo import small_cnn
 
     train = load_dataset("mnist", split="train").subset(args.train_limit)
     test = load_dataset("mnist", split="test").subset(args.test_limit)
@@ -91,11 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "eval_steps": args.eval_steps, "clean_epochs": args.clean_epochs, "pgd_epochs": args.epochs,
                 "beta": args.beta, "train_samples": len(train), "test_samples": len(test),
                 "threads": args.threads, "measured": rows}
-    show(document)
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(document, handle, indent=1)
-    return document
+    return finish(document, args.json, show)
 
 
 def show(document: dict) -> None:
