@@ -16,7 +16,7 @@ import typer
 from certify.common.cli import OneLineUsageErrors, parse_floats, run_cli
 from certify.common.cli_options import Debug, Device, Mean, Quiet, Seed, Std, version_option
 from certify.common.errors import UserError
-from certify.common.progress import console
+from certify.common.progress import console, results_console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Certify the robustness of a classifier: per sample verified, falsified or unknown.")
@@ -26,7 +26,7 @@ Version = version_option("certify")
 @app.command(cls=OneLineUsageErrors)
 def main_command(
     model: Optional[Path] = typer.Argument(None, help="ONNX model to certify (from `harden export`, or third-party with --data); may be left out with --vnnlib instances.csv."),
-    eps: list[float] = typer.Option([], "--eps", help="l-infinity radius in pixel units; repeat for several."),
+    eps: list[float] = typer.Option([], "--eps", help="Radius in pixel units (l-infinity, or l2 with --norm 2); repeat for several."),
     data: Optional[str] = typer.Option(None, "--data", help="mnist, fashion-mnist, file.npz or a folder of class folders; default: from the model's metadata."),
     split: Optional[str] = typer.Option(None, "--split", help="train or test (default test)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Certify only the first N samples."),
@@ -36,7 +36,8 @@ def main_command(
     attack_restarts: Optional[int] = typer.Option(None, "--attack-restarts", help="PGD restarts (default 3; 5 with --vnnlib)."),
     radius: bool = typer.Option(False, "--radius", help="Also find each sample's largest certified eps, by bisection."),
     radius_tol: Optional[float] = typer.Option(None, "--radius-tol", help="Bisection tolerance of --radius (pixel units; default 1e-3)."),
-    radius_max: Optional[float] = typer.Option(None, "--radius-max", help="Largest eps --radius searches (default: the width of the input range)."),
+    radius_max: Optional[float] = typer.Option(None, "--radius-max", help="Largest eps --radius searches (default: the width of the input range; with --norm 2 its l2 diameter)."),
+    norm: Optional[str] = typer.Option(None, "--norm", help="inf (l-infinity boxes, the default) or 2 (l2 balls of radius eps in pixel units)."),
     vnnlib: list[str] = typer.Option([], "--vnnlib", help="Check VNN-LIB properties instead: a .vnnlib file, a folder of them or a VNN-COMP instances.csv; repeat for several."),
     cex_dir: Optional[Path] = typer.Option(None, "--cex-dir", help="Folder for the counterexamples of sat properties (default: next to --json)."),
     mean: Mean = None,
@@ -61,7 +62,7 @@ def main_command(
                   attack=not no_attack, attack_steps=attack_steps, attack_restarts=attack_restarts, radius=radius,
                   radius_tol=radius_tol, radius_max=radius_max, vnnlib=list(vnnlib), cex_dir=cex_dir, mean=mean,
                   std=std, batch_size=batch_size, device=device, seed=seed, json_out=json_out, plot=plot,
-                  fail_under=fail_under, quiet=quiet)
+                  fail_under=fail_under, quiet=quiet, norm=norm)
     failed: list[str] = []
     run_cli(lambda: failed.extend(_run(options)), debug)
     if failed:
@@ -96,6 +97,7 @@ class Run:
     plot: Optional[Path]
     fail_under: Optional[float]
     quiet: bool
+    norm: Optional[str] = None
 
     @property
     def to_stdout(self) -> bool:
@@ -143,7 +145,8 @@ def _certify_dataset(o: Run, methods, means, stds):
                    batch_size=50 if o.batch_size is None else o.batch_size, device=o.device, mean=means, std=stds,
                    seed=o.seed, radius=o.radius, radius_tol=1e-3 if o.radius_tol is None else o.radius_tol,
                    radius_max=o.radius_max, attack_steps=o.attack_steps,
-                   attack_restarts=3 if o.attack_restarts is None else o.attack_restarts, split=o.split or "test")
+                   attack_restarts=3 if o.attack_restarts is None else o.attack_restarts, split=o.split or "test",
+                   norm=o.norm or "inf")
     check_run_options(o.eps, **{k: v for k, v in options.items() if k != "attack"})
     data_path = Path(o.data) if o.data is not None and _is_path(o.data) else None
     _check_outputs(o, [o.model, data_path], cex=False)
@@ -153,10 +156,11 @@ def _certify_dataset(o: Run, methods, means, stds):
     document = report_document(run)
     _write_outputs(o, document, run)
     if not _dump_to_stdout(o, document):
+        tables = results_console()
         if run.results:
-            console.print(summary_table(run))
+            tables.print(summary_table(run))
         if run.radius is not None:
-            console.print(radius_table(run))
+            tables.print(radius_table(run))
         if o.report_path is not None:
             console.print(f"report written to {o.report_path}")
     if o.plot is not None:
@@ -179,7 +183,7 @@ def _refuse_dataset_options(o: Run) -> None:
                                              ("--radius-tol", o.radius_tol is not None),
                                              ("--radius-max", o.radius_max is not None), ("--plot", o.plot is not None),
                                              ("--data", o.data is not None), ("--split", o.split is not None),
-                                             ("--limit", o.limit is not None)) if given]
+                                             ("--limit", o.limit is not None), ("--norm", o.norm is not None)) if given]
     if not_applying:
         raise UserError(f"--vnnlib takes its boxes from the files: {', '.join(not_applying)} "
                         f"{'does' if len(not_applying) == 1 else 'do'} not apply",
@@ -214,9 +218,10 @@ def _check_vnnlib(o: Run, methods, means, stds):
     document = vnnlib_document(run)
     _write_outputs(o, document, None)
     if not _dump_to_stdout(o, document):
+        tables = results_console()
         if len(run.properties) <= 100:
-            console.print(vnnlib_property_table(run))
-        console.print(vnnlib_table(run))
+            tables.print(vnnlib_property_table(run))
+        tables.print(vnnlib_table(run))
         if o.report_path is not None:
             console.print(f"report written to {o.report_path}")
     if sat:

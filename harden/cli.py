@@ -14,8 +14,8 @@ from certify.common.cli_options import Device, Mean, Quiet, Seed, Std
 from certify.common.errors import UserError
 from certify.common.files import check_output_path
 from certify.common.progress import say
-from harden.cli_checks import (BUNDLE, check_checkpoints, check_data_name, data_inputs, parse_shape, training_data,
-                               training_splits)
+from harden.cli_checks import (BUNDLE, check_checkpoints, check_data_name, data_inputs, parse_shape,
+                               refuse_existing_default, training_data, training_splits)
 from harden.cli_options import (Arch, BatchSize, CheckpointDir, Data, EvalLimit, Epochs, Limit, Lr, MaybeOutput, Model,
                                 Output, Resume, Steps, Version, one_line_errors, reads_model)
 
@@ -95,6 +95,8 @@ def convert(
     parse_shape(model.input_shape)  # a bad --input-shape is reported before the outputs
     out = output or default_output(model.path)
     check_output_path(out, [model.path], suffixes=BUNDLE)
+    if output is None:
+        refuse_existing_default(out)
     bundle = model.load()
     records = convert_bundle(bundle, spectral_norm=beta, sn_iters=sn_iters, layers=kinds,
                              noise=noise, noise_dim=noise_dim)
@@ -161,8 +163,7 @@ def inspect(
     the network's l2 and linf Lipschitz constants."""
     import json
 
-    from rich.console import Console
-
+    from certify.common.progress import results_console
     from harden.inspect import check_options, inspect_bundle, inspection_table, write_inspection
 
     check_options(max_iters=max_iters)
@@ -176,11 +177,10 @@ def inspect(
         sys.stdout.write(json.dumps(document, indent=1) + "\n")
         return
     table, notes = inspection_table(document)
-    # The inspection is this command's result: stdout, wide enough for the table when piped.
-    out = Console() if sys.stdout.isatty() else Console(width=160)
+    out = results_console()  # the inspection is this command's result
     out.print(table)
     for line in notes:
-        out.print(line, highlight=False)
+        out.print(line, highlight=False, soft_wrap=True)
     if json_out is not None:
         write_inspection(document, json_out)
         say(f"wrote {json_out}")

@@ -13,6 +13,12 @@ from certify.common.files import check_output_path
 BUNDLE = (".safetensors",)
 
 
+def refuse_existing_default(path: Path) -> None:
+    """A default output name (no -o given) never replaces a file silently: an explicit -o does."""
+    if path.exists():
+        raise UserError(f"{path} exists already (the default output name)", f"pass -o {path} to overwrite it")
+
+
 def parse_shape(text: Optional[str]) -> Optional[tuple[int, ...]]:
     if text is None:
         return None

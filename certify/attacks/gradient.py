@@ -252,9 +252,30 @@ class EOTPGD(PGD):
         return torch.stack([self.model(x) for _ in range(self.draws)]).mean(dim=0)
 
 
+def project_l2_box(x: torch.Tensor, centre: torch.Tensor, radii: torch.Tensor, lower: torch.Tensor,
+                   upper: torch.Tensor) -> torch.Tensor:
+    """x moved into the l2 ball (radius radii[i] around centre[i]) and then clipped to the box.
+
+    The box must contain the centre: clipping then only moves coordinates toward the centre's, so
+    the result stays inside the ball. The radius is shrunk by a relative float margin so that
+    rounding in the scaling does not leave the point just outside the ball.
+    """
+    delta = x - centre
+    shape = (-1, *([1] * (x.dim() - 1)))
+    room = radii.to(x).view(shape) * (1 - 4 * torch.finfo(x.dtype).eps)
+    scale = (room / _l2_per_sample(delta).clamp_min(1e-12)).clamp(max=1.0)
+    return torch.minimum(torch.maximum(centre + delta * scale, lower), upper)
+
+
+def in_l2_ball(x: torch.Tensor, centre: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
+    """Per sample: ||x - centre||_2 <= radius, computed in float64."""
+    return (x.double() - centre.double()).flatten(1).norm(dim=1) <= radii.double().to(x.device)
+
+
 def search_box(model: nn.Module, start: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
                objective, *, steps: int, restarts: int, seed: int, step_size: float | None = None,
-               inclusive: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               inclusive: bool = False,
+               l2_ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The one PGD inside per-sample boxes: sign-gradient ascent of `objective(outputs, rows)` (one
     value per row; `rows` index the batch) until it is > 0 (>= 0 when `inclusive`).
 
@@ -263,12 +284,23 @@ def search_box(model: nn.Module, start: torch.Tensor, lower: torch.Tensor, upper
     clipped into the box, later ones uniformly at random (seeded by `seed`). The step is per
     coordinate, 2.5 * half-width / steps unless `step_size` is given, so boxes of uneven widths are
     searched evenly. A sample stops as soon as it is hit; a point box is checked once, never stepped.
+
+    With `l2_ball` = (centres, radii) the search is PGD-l2 in the intersection of each ball with its
+    box (which must contain the centre): steps of length 2.5 * radius / steps along the normalized
+    gradient, every iterate projected by `project_l2_box`.
     """
     generator = torch.Generator().manual_seed(seed)
-    step = (upper - lower) * (1.25 / steps) if step_size is None else torch.full_like(start, step_size)
+    if l2_ball is None:
+        step = (upper - lower) * (1.25 / steps) if step_size is None else torch.full_like(start, step_size)
+        project = _box_projection(lower, upper)
+    else:
+        centre, radii = l2_ball
+        size = radii.to(start) * (2.5 / steps) if step_size is None else torch.full_like(radii, step_size).to(start)
+        step = size.view(-1, *([1] * (start.dim() - 1))).expand_as(start)
+        project = _l2_projection(centre, radii, lower, upper)
     found = torch.zeros(start.shape[0], dtype=torch.bool, device=start.device)
     movable = (upper - lower).flatten(1).amax(dim=1) > 0
-    x_adv = torch.minimum(torch.maximum(start, lower), upper)
+    x_adv = project(start, torch.arange(start.shape[0], device=start.device))
     with model_mode(model):
         for restart in range(restarts):
             todo = (~found if restart == 0 else ~found & movable).nonzero().squeeze(1)
@@ -279,6 +311,8 @@ def search_box(model: nn.Module, start: torch.Tensor, lower: torch.Tensor, upper
                 x = x_adv[todo]
             else:
                 x = lo + torch.rand(lo.shape, generator=generator, dtype=start.dtype).to(start.device) * (hi - lo)
+                if l2_ball is not None:
+                    x = project(x, todo)
             active = torch.arange(todo.numel(), device=start.device)
             # steps + 1 forward passes: the last one only checks the final iterate.
             for iteration in range(steps + 1):
@@ -291,21 +325,33 @@ def search_box(model: nn.Module, start: torch.Tensor, lower: torch.Tensor, upper
                     break
                 (grad,) = torch.autograd.grad(value[keep].sum(), [xa])
                 active = active[keep]
-                moved = xa.detach()[keep] + size[active] * grad[keep].sign()
-                x[active] = torch.minimum(torch.maximum(moved, lo[active]), hi[active])
+                direction = grad[keep].sign() if l2_ball is None else grad[keep] / _l2_per_sample(
+                    grad[keep]).clamp_min(1e-12)
+                x[active] = project(xa.detach()[keep] + size[active] * direction, todo[active])
             x_adv[todo] = x.detach()
     return found, x_adv
 
 
+def _box_projection(lower: torch.Tensor, upper: torch.Tensor):
+    return lambda x, rows: torch.minimum(torch.maximum(x, lower[rows]), upper[rows])
+
+
+def _l2_projection(centre: torch.Tensor, radii: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor):
+    return lambda x, rows: project_l2_box(x, centre[rows], radii[rows], lower[rows], upper[rows])
+
+
 def find_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, x_lower: torch.Tensor,
                      x_upper: torch.Tensor, *, steps: int = 50, restarts: int = 5, step_size: float | None = None,
-                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                     seed: int = 0,
+                     l2_ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Search the per-sample box [x_lower, x_upper] for misclassified points (`search_box` on the
     margin loss).
 
     Returns (found, x_adv): found[i] is True only when a plain eval-mode forward pass confirms that
     x_adv[i] is misclassified, and every x_adv[i] lies inside its box. The first restart starts from
-    the image clipped into the box, later ones uniformly at random (seeded by `seed`).
+    the image clipped into the box, later ones uniformly at random (seeded by `seed`). With
+    `l2_ball` = (centres, radii) the search is PGD-l2 in each ball intersected with its box, and
+    found[i] also requires x_adv[i] to lie in its ball.
     """
     images = images.detach()
     labels = labels.detach().to(images.device)
@@ -317,12 +363,16 @@ def find_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         raise ValueError("find_adversarial got a box with x_lower > x_upper")
     if steps < 1 or restarts < 1:
         raise ValueError(f"find_adversarial needs steps >= 1 and restarts >= 1 (got {steps}, {restarts})")
+    if l2_ball is not None:
+        l2_ball = (l2_ball[0].detach().to(images), torch.as_tensor(l2_ball[1], dtype=torch.float64).to(images.device))
     found, x_adv = search_box(model, images, lower, upper, lambda logits, rows: margin(logits, labels[rows]),
-                              steps=steps, restarts=restarts, seed=seed, step_size=step_size)
+                              steps=steps, restarts=restarts, seed=seed, step_size=step_size, l2_ball=l2_ball)
     # Trust nothing the search loop saw: re-check every hit with a plain forward pass.
     with model_mode(model), torch.no_grad():
         hits = found.nonzero().squeeze(1)
         if hits.numel():
             found[hits] = margin(model(x_adv[hits]), labels[hits]) > 0
     inside = ((x_adv >= lower) & (x_adv <= upper)).flatten(1).all(dim=1)
+    if l2_ball is not None:
+        inside &= in_l2_ball(x_adv, *l2_ball)
     return found & inside, x_adv

@@ -48,12 +48,24 @@ def box_input(x_lower: torch.Tensor, x_upper: torch.Tensor):
     return auto_lirpa.BoundedTensor((x_lower + x_upper) / 2, perturbation)
 
 
+def l2_ball_input(centre: torch.Tensor, eps: float):
+    """The l2 ball of radius eps around `centre` (unclipped) as auto_LiRPA's bounded input."""
+    auto_lirpa = lirpa()
+    return auto_lirpa.BoundedTensor(centre, auto_lirpa.PerturbationLpNorm(norm=2.0, eps=eps))
+
+
+def _float32_up(values: torch.Tensor) -> torch.Tensor:
+    """`values` in float32, each rounded up: a ball of the rounded radius contains the claimed one."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    rounded = values.float()
+    return torch.where(rounded.double() < values, torch.nextafter(rounded, torch.tensor(float("inf"))), rounded)
+
+
 def ball_input(x: torch.Tensor, eps: float, norm: str, lower: float, upper: float):
     """The eps-ball around x (l-infinity: clipped to [lower, upper]; l2: unclipped) as a bounded input."""
     if norm == "inf":
         return box_input((x - eps).clamp(lower, upper), (x + eps).clamp(lower, upper))
-    auto_lirpa = lirpa()
-    return auto_lirpa.BoundedTensor(x, auto_lirpa.PerturbationLpNorm(norm=2.0, eps=eps))
+    return l2_ball_input(x, eps)
 
 
 def _ibp_reference(bounded) -> dict:
@@ -94,7 +106,7 @@ def bound_lower(bounded, x, c: torch.Tensor, method: str, *, differentiable: boo
 
 
 class MarginBounder:
-    """Bounds the margins of one model over l-infinity boxes, by IBP, CROWN or alpha-CROWN."""
+    """Bounds the margins of one model over l-infinity boxes or l2 balls, by IBP, CROWN or alpha-CROWN."""
 
     def __init__(self, module: nn.Module, input_shape: tuple[int, ...], *, device: str | torch.device = "cpu",
                  alpha_iterations: int = 20):
@@ -110,12 +122,27 @@ class MarginBounder:
             bound_opts={"verbosity": 0, "optimize_bound_args": {"iteration": alpha_iterations}})
 
     def lower_bounds(self, x_lower: torch.Tensor, x_upper: torch.Tensor, c: torch.Tensor,
-                     method: str) -> torch.Tensor:
-        """Sound lower bounds (n, rows) of C y over the boxes [x_lower, x_upper]: the entry point."""
+                     method: str, *, l2_ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Sound lower bounds (n, rows) of C y over the boxes [x_lower, x_upper]: the entry point.
+
+        With `l2_ball` = (centres (n, ...), radii (n,)) the bound is over the whole l2 ball of each
+        sample instead, not intersected with its box: the ball contains its intersection with the
+        box, so a lower bound over the ball holds on every point of the intersection too.
+        """
         if method not in METHODS:
             raise ValueError(f"unknown bound method {method!r}; use one of {METHODS}")
-        x = box_input(x_lower.to(self.device, torch.float32), x_upper.to(self.device, torch.float32))
-        return bound_lower(self.bounded, x, c.to(self.device), method)
+        c = c.to(self.device)
+        if l2_ball is None:
+            x = box_input(x_lower.to(self.device, torch.float32), x_upper.to(self.device, torch.float32))
+            return bound_lower(self.bounded, x, c, method)
+        centre, radii = l2_ball[0].to(self.device, torch.float32), _float32_up(l2_ball[1])
+        lower = torch.empty(c.shape[:2], device=self.device)
+        # auto_LiRPA 0.3's l2 IBP through a convolution takes one radius for the whole batch: one
+        # call per distinct radius (the dataset cascade has one; a radius bisection has several).
+        for radius in torch.unique(radii).tolist():
+            rows = torch.nonzero(radii == radius).flatten().to(self.device)
+            lower[rows] = bound_lower(self.bounded, l2_ball_input(centre[rows], radius), c[rows], method)
+        return lower
 
     def lower_margins(self, x_lower: torch.Tensor, x_upper: torch.Tensor, labels: torch.Tensor,
                       method: str) -> torch.Tensor:
@@ -124,6 +151,6 @@ class MarginBounder:
 
 
 def lower_bounds(bounder: MarginBounder, x_lower: torch.Tensor, x_upper: torch.Tensor, c: torch.Tensor,
-                 method: str) -> torch.Tensor:
+                 method: str, *, l2_ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`bounder.lower_bounds` as a function (the name the cascade and tests import)."""
-    return bounder.lower_bounds(x_lower, x_upper, c, method)
+    return bounder.lower_bounds(x_lower, x_upper, c, method, l2_ball=l2_ball)

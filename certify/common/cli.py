@@ -73,9 +73,20 @@ def parse_floats(text: Optional[str], option: str) -> Optional[list[float]]:
         raise UserError(f"{option} '{text}' is not a comma-separated list of numbers", f"e.g. {option} 0.1307") from None
 
 
+def hide_flag_types(command, ctx) -> None:
+    """Flags (--quiet, --help, ...) take no value: typer's help would show them a `<bool>` type column."""
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
 class OneLineUsageErrors(TyperCommand):
     """Usage errors (an unknown option, a value that is not a number) as the one line that every
     other error is: `error: what -- hint`, exit code 2 (click prints a usage block instead)."""
+
+    def format_help(self, ctx, formatter) -> None:
+        hide_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -93,10 +104,19 @@ def usage_error_message(error, program: str) -> str:
     return f"{' '.join(error.format_message().split())} -- see '{command} --help'"
 
 
-
 class OneLineErrorsGroup(TyperGroup):
     """Usage errors (a missing option, a value that is not a number, an unknown option) come out as
     ONE line with exit code 2, like every other error, instead of typer's framed block."""
+
+    def format_help(self, ctx, formatter) -> None:
+        hide_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:  # the subcommand's help shows no `<bool>` either
+            hide_flag_types(command, ctx)
+        return command
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:

@@ -39,8 +39,13 @@ def tool_versions() -> dict:
     return versions
 
 
-def _attack_json(options) -> dict:
-    return {"enabled": options.attack, "kind": "pgd-linf-margin", "steps": options.attack_steps,
+def _norm_name(norm: str) -> str:
+    return "l-inf" if norm == "inf" else f"l{norm}"
+
+
+def _attack_json(options, norm: str = "inf") -> dict:
+    return {"enabled": options.attack, "kind": f"pgd-{'linf' if norm == 'inf' else 'l' + norm}-margin",
+            "steps": options.attack_steps,
             "restarts": options.attack_restarts}
 
 
@@ -53,7 +58,7 @@ def report_document(run: CertifyRun) -> dict:
         "model": {"path": run.model_path, "sha256": run.model_sha256, "input_shape": list(run.input_shape),
                   "graph_normalization": run.graph_normalization},
         "spec": {**run.spec.to_json(), "dataset": run.dataset, "split": run.split,
-                 "methods": list(run.options.methods), "attack": _attack_json(run.options),
+                 "methods": list(run.options.methods), "attack": _attack_json(run.options, run.spec.norm),
                  "seed": run.options.seed},
         "tools": tool_versions(),
         "run": {"world_size": run.world_size, "batch_size": run.batch_size, "device": run.device,
@@ -92,7 +97,7 @@ def write_json(document: dict, path: str | Path) -> None:
 
 def summary_table(run: CertifyRun) -> Table:
     table = Table(title=f"certify {Path(run.model_path).name} on {run.dataset} ({run.split}), "
-                        f"l-inf, methods {'+'.join(run.options.methods)}")
+                        f"{_norm_name(run.spec.norm)}, methods {'+'.join(run.options.methods)}")
     for column in ("eps", "samples", "clean", "attacked", "certified", "verified by", "unknown", "time"):
         table.add_column(column, justify="right")
     for result in run.results:
@@ -106,7 +111,7 @@ def summary_table(run: CertifyRun) -> Table:
 
 def radius_table(run: CertifyRun) -> Table:
     s = run.radius.summary()
-    table = Table(title=f"certified l-inf radius per sample (bisection to {s['tolerance']:g}, "
+    table = Table(title=f"certified {_norm_name(run.spec.norm)} radius per sample (bisection to {s['tolerance']:g}, "
                         f"up to {s['max_eps_searched']:g})")
     for column in ("samples", "mean", "median", "min", "max", "radius > 0", "attack found", "time"):
         table.add_column(column, justify="right")

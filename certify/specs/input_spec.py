@@ -2,7 +2,9 @@
 
 Everything is stated in PIXEL space ([0, 1] by default), as users think of eps. When the model
 expects normalized inputs, `with_normalization` puts the (x - mean) / std in front of the model, so
-the box in pixel space is mapped exactly (auto_LiRPA bounds through the affine map).
+the box in pixel space is mapped exactly (auto_LiRPA bounds through the affine map). The same
+holds for an l2 ball (`norm` "2"): it stays a ball in pixel space, whatever the per-channel stds,
+because the normalization is part of the bounded graph (in model space it would be an ellipsoid).
 """
 
 from __future__ import annotations
@@ -27,11 +29,17 @@ class InputSpec:
     classes: list[str] = field(default_factory=list)
     dataset: str | None = None
 
-    def check_eps(self, eps: float, option: str = "eps") -> None:
-        low, high = self.input_range
-        if not (eps > 0 and eps <= high - low) or eps != eps:
+    def largest_eps(self, input_shape: tuple[int, ...] = ()) -> float:
+        """The radius of a ball that covers the whole input range (l2: its diagonal over the input)."""
+        width = self.input_range[1] - self.input_range[0]
+        return width if self.norm == "inf" else width * math.sqrt(math.prod(input_shape))
+
+    def check_eps(self, eps: float, option: str = "eps", input_shape: tuple[int, ...] = ()) -> None:
+        high = self.largest_eps(input_shape)
+        what = "the width of the input range" if self.norm == "inf" else "the l2 diameter of the input range"
+        if not (eps > 0 and eps <= high) or eps != eps:
             raise UserError(f"{option} {eps} is out of range",
-                            f"give 0 < {option.lstrip('-')} <= {high - low:g} (the width of the input range, in pixel units)")
+                            f"give 0 < {option.lstrip('-')} <= {high:g} ({what}, in pixel units)")
 
     def box(self, x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """The l-infinity ball of radius eps around x, clipped to the valid input range, rounded
@@ -42,6 +50,17 @@ class InputSpec:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+NORMS = ("inf", "2")
+
+
+def check_norm(norm: str) -> str:
+    """The ball's norm as the spec records it ("inf" or "2"); a UserError for any other."""
+    norm = str(norm)
+    if norm not in NORMS:
+        raise UserError(f"unknown --norm {norm!r}", "use inf (l-infinity boxes) or 2 (l2 balls)")
+    return norm
 
 
 class Normalize(nn.Module):

@@ -89,6 +89,7 @@ class _SampleBatch:
     options: CascadeOptions
     seed: int
     file_outputs: FileOutputs | None = None
+    l2_radii: torch.Tensor | None = None  # per sample: the region is the l2 ball around x within the box
     verdict: list[str] = field(init=False)
     method: list[str | None] = field(init=False)
 
@@ -118,7 +119,7 @@ class _SampleBatch:
         start = self.x[rows] if attempt == 0 else lo + torch.rand(lo.shape, generator=generator(start_seed)) * (hi - lo)
         found, x_adv = find_adversarial(self.module, start.to(device), self.labels[rows].to(device), lo.to(device),
                                         hi.to(device), steps=self.options.attack_steps, restarts=restarts,
-                                        seed=restart_seed)
+                                        seed=restart_seed, l2_ball=self.l2_ball(rows))
         found = found.cpu()
         if self.file_outputs is not None:
             # Reported falsified only where the file's own output is misclassified too.
@@ -129,11 +130,17 @@ class _SampleBatch:
 
     def bound(self, rows: torch.Tensor, method: str) -> None:
         c = margin_matrix(self.labels[rows].to(self.bounder.device), self.bounder.num_classes)
-        lower = lower_bounds(self.bounder, self.box[0][rows], self.box[1][rows], c, method).cpu()
+        lower = lower_bounds(self.bounder, self.box[0][rows], self.box[1][rows], c, method,
+                             l2_ball=self.l2_ball(rows)).cpu()
         # Every method's bound is sound, so the elementwise best of them is too.
         self.best[rows] = torch.maximum(self.best[rows], lower)
         for row in rows[self.best[rows].min(1).values > 0].tolist():
             self.decide(row, VERIFIED, method)
+
+    def l2_ball(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.l2_radii is None:
+            return None
+        return self.x[rows].to(self.bounder.device), self.l2_radii[rows]
 
     def decide(self, row: int, verdict: str, method: str) -> None:
         self.verdict[row], self.method[row] = verdict, method
@@ -142,8 +149,13 @@ class _SampleBatch:
 
 def certify_batch(module: nn.Module, bounder: MarginBounder, x: torch.Tensor, labels: torch.Tensor,
                   box: tuple[torch.Tensor, torch.Tensor], indices: list[int], options: CascadeOptions,
-                  *, seed: int | None = None, file_outputs: FileOutputs | None = None) -> list[Verdict]:
+                  *, seed: int | None = None, file_outputs: FileOutputs | None = None,
+                  l2_radii: torch.Tensor | None = None) -> list[Verdict]:
     """Run the cascade on one batch of samples, each with its own box [x_lower, x_upper].
+
+    With `l2_radii` (float64, one per sample) each sample's region is its l2 ball of that radius
+    around x intersected with its box (give the box the ball's bounding box clipped to the input
+    range): the attack is PGD-l2 there, the bounds hold on the whole ball.
 
     `seed` seeds the attack's random restarts (default `options.seed`); the engine derives it from
     the batch's position so that a run repeats exactly however its batches are spread over ranks.
@@ -155,7 +167,7 @@ def certify_batch(module: nn.Module, bounder: MarginBounder, x: torch.Tensor, la
     if n == 0:
         return []
     batch = _SampleBatch(module, bounder, x, labels, box, options, options.seed if seed is None else seed,
-                         file_outputs)
+                         file_outputs, l2_radii)
     stage_table.run_stages(cascade_stages(options), batch)
     overhead = (time.perf_counter() - started - batch.cost.sum().item()) / n
     out = []

@@ -30,7 +30,7 @@ from certify.common.progress import progress_bar, say
 from certify.common.seeds import stream_seed
 from certify.data.datasets import load_dataset
 from certify.onnx_import.certifiable import load_certifiable
-from certify.specs.input_spec import InputSpec, spec_from_metadata
+from certify.specs.input_spec import InputSpec, check_norm, spec_from_metadata
 from certify.verdicts.cascade import (FALSIFIED, UNKNOWN, VERIFIED,
                                       CascadeOptions, Verdict, certify_batch)
 from certify.verdicts.file_outputs import FileOutputs, certified_module
@@ -162,7 +162,7 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
                   mean: list[float] | None = None, std: list[float] | None = None, seed: int = 0,
                   quiet: bool = False, radius: bool = False, radius_tol: float = 1e-3,
                   radius_max: float | None = None, attack_steps: int = 50,
-                  attack_restarts: int = 3) -> CertifyRun | None:
+                  attack_restarts: int = 3, norm: str = "inf") -> CertifyRun | None:
     """Certify the model at every eps (and, with `radius`, bisect each sample's certified radius).
 
     Under torchrun every rank calls this; rank 0 returns the merged run, the others None.
@@ -172,11 +172,12 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
     eps_values = sorted(set(float(e) for e in eps_values))
     check_run_options(eps_values, methods=methods, limit=limit, batch_size=batch_size, split=split, radius=radius,
                       radius_tol=radius_tol, radius_max=radius_max, attack_steps=attack_steps,
-                      attack_restarts=attack_restarts, mean=mean, std=std, device=device, seed=seed)
+                      attack_restarts=attack_restarts, mean=mean, std=std, device=device, seed=seed, norm=norm)
     model_path = Path(model_path)
     model = load_certifiable(model_path)
     model_sha256 = sha256_file(model_path)
     spec, dataset_name = resolve_spec(model.metadata, data=data, mean=mean, std=std)
+    spec.norm = check_norm(norm)
     check_against_model(eps_values, spec, model, radius, radius_tol, radius_max,
                          "--mean/--std" if mean is not None or std is not None else "the metadata 'harden.data'")
     in_graph = graph_normalization(model_path)
@@ -194,8 +195,7 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
     module, bounder, file_outputs = certified_module(model_path, model, spec, dev)
     options = CascadeOptions(methods=tuple(methods), attack=attack, attack_steps=attack_steps,
                              attack_restarts=attack_restarts, seed=seed)
-    width = spec.input_range[1] - spec.input_range[0]
-    radius_high = radius_max if radius_max is not None else width
+    radius_high = radius_max if radius_max is not None else spec.largest_eps(tuple(model.input_shape))
 
     results = [EpsResult(eps) for eps in eps_values]
     radius_result = RadiusResult(radius_tol, radius_high) if radius else None
@@ -252,9 +252,11 @@ def _certify_eps_batch(module, bounder, spec: InputSpec, x, y, indices, eps_valu
             rows = torch.tensor(open_rows)
             xs = x[rows]
             t0 = time.perf_counter()
+            l2_radii = torch.full((len(open_rows),), eps, dtype=torch.float64) if spec.norm == "2" else None
             verdicts = certify_batch(module, bounder, xs, y[rows], spec.box(xs, eps),
                                      [indices[i] for i in open_rows], options,
-                                     seed=batch_seed(options.seed, batch_number, step), file_outputs=file_outputs)
+                                     seed=batch_seed(options.seed, batch_number, step), file_outputs=file_outputs,
+                                     l2_radii=l2_radii)
             results[k].seconds += time.perf_counter() - t0
             for i, verdict in zip(open_rows, verdicts):
                 per_eps[k][i] = verdict

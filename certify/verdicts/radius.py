@@ -80,7 +80,7 @@ def bisect_radius(module: nn.Module, bounder: MarginBounder, spec: InputSpec, x:
         t0 = time.perf_counter()
         verdicts = certify_batch(module, bounder, x[open_], labels[open_], box,
                                  [indices[i] for i in open_.tolist()], options, seed=stream_seed(seed, round_),
-                                 file_outputs=file_outputs)
+                                 file_outputs=file_outputs, l2_radii=mid if spec.norm == "2" else None)
         cost[open_] += (time.perf_counter() - t0) / open_.numel()
         for k, (row, verdict) in enumerate(zip(open_.tolist(), verdicts)):
             if verdict.verdict == VERIFIED:

@@ -7,18 +7,19 @@ import math
 from certify.bounds.bounder import METHODS
 from certify.common import distributed
 from certify.common.errors import UserError
-from certify.specs.input_spec import InputSpec, check_normalization
+from certify.specs.input_spec import InputSpec, check_norm, check_normalization
 
 
 def check_run_options(eps_values: list[float], *, methods=METHODS, limit: int | None = None, batch_size: int = 50,
                       split: str = "test", radius: bool = False, radius_tol: float | None = 1e-3,
                       radius_max: float | None = None, attack_steps: int = 50, attack_restarts: int = 3,
                       mean: list[float] | None = None, std: list[float] | None = None,
-                      device: str | None = None, seed: int = 0) -> None:
+                      device: str | None = None, seed: int = 0, norm: str = "inf") -> None:
     """Every check of a dataset run that needs neither the model nor the data: a UserError on the
     first bad option, before any file is read (the command line runs it before anything else)."""
     from certify.data.datasets import SPLITS
 
+    check_norm(norm)
     if not eps_values and not radius:
         raise UserError("no --eps given", "give at least one --eps, e.g. --eps 0.1 (or --radius)")
     for eps in eps_values:
@@ -58,12 +59,13 @@ def check_attack_options(attack_steps: int, attack_restarts: int, seed: int = 0)
 def check_against_model(eps_values: list[float], spec: InputSpec, model, radius: bool, radius_tol: float,
                          radius_max: float | None, normalization_from: str = "--mean/--std") -> None:
     """The checks that need the model and its spec (input range, normalization, classes)."""
+    shape = tuple(model.input_shape)
     for eps in eps_values:
-        spec.check_eps(eps)
-    width = spec.input_range[1] - spec.input_range[0]
+        spec.check_eps(eps, input_shape=shape)
+    width = spec.largest_eps(shape)
     if radius:
         if radius_max is not None:
-            spec.check_eps(radius_max, "--radius-max")
+            spec.check_eps(radius_max, "--radius-max", shape)
         if not radius_tol < (radius_max if radius_max is not None else width):
             raise UserError(f"--radius-tol {radius_tol:g} is out of range",
                             f"give 0 < tol < {radius_max if radius_max is not None else width:g}, e.g. 1e-3")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +33,16 @@ PARITY_RTOL = 1e-4
 def module_to_onnx_bytes(module: nn.Module, input_shape: tuple[int, ...]) -> bytes:
     buffer = io.BytesIO()
     dummy = torch.zeros(2, *input_shape)
-    torch.onnx.export(module, (dummy,), buffer, dynamo=False, opset_version=OPSET,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    with warnings.catch_warnings():
+        # The legacy exporter is our choice (see the module docstring): torch's notices that it is
+        # deprecated, and the tracer's notes on Python values it records as constants (the layers'
+        # shapes), say nothing the user can act on.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(module, (dummy,), buffer, dynamo=False, opset_version=OPSET,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     return buffer.getvalue()
 
 
