@@ -105,3 +105,17 @@ def test_the_readme_api_imports_keep_working():
     assert certify_model is flat_certify_model and certify_model.__module__ == "certify.verdicts.dataset"
     assert load_model is flat_load_model and load_model.__module__ == "harden.io.loading"
     assert export_onnx is flat_export_onnx and export_onnx.__module__ == "harden.io.export"
+
+
+@pytest.mark.parametrize("package", ["certify", "harden"])
+def test_every_package_level_name_resolves(package):
+    # The lazy package attributes name their modules by string: a module that moves must not leave
+    # a name behind that fails on first use.
+    import importlib
+
+    module = importlib.import_module(package)
+    offered = module.__getattr__.names
+    assert offered
+    for name, where in offered.items():
+        value = getattr(module, name)
+        assert value.__name__ == name and value.__module__ == where
