@@ -20,7 +20,7 @@ def default_output(model_path: str | Path) -> Path:
 def check_options(*, spectral_norm: float | None = DEFAULT_BETA, sn_iters: int = 1,
                   layers: tuple[str, ...] = LAYER_KINDS, noise: str | None = None, noise_dim: int = 32) -> None:
     """Refuse conversion options that cannot work (one-line UserError), before the model is read."""
-    from harden.training.train import is_finite_number
+    from certify.common.errors import is_finite_number
 
     if not layers:
         raise UserError("--layers names no layer kind", f"use a comma-separated subset of {', '.join(LAYER_KINDS)}")

@@ -15,6 +15,13 @@ class UserError(Exception):
         super().__init__(f"{what} -- {hint}" if hint else what)
 
 
+def is_finite_number(value) -> bool:
+    """A real number as a user or a file gives it: int or float, finite, and not a bool."""
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # auto_LiRPA raises Python's recursion limit to 1e6 on import, so a deeply nested JSON document
 # in a crafted file would overflow the C stack inside json's scanner (a segfault, not an error).
 MAX_JSON_DEPTH = 200

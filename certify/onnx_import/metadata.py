@@ -6,10 +6,9 @@ harden, and harden's safetensors bundles.
 from __future__ import annotations
 
 import json
-import math
 from typing import Callable
 
-from certify.common.errors import UserError, load_untrusted_json
+from certify.common.errors import UserError, is_finite_number, load_untrusted_json
 
 MAX_CLASSES = 1_000_000
 HINT = "re-export the model with harden export, or remove the 'harden.data' metadata and pass --data"
@@ -22,10 +21,6 @@ def show(value) -> str:
     except (TypeError, ValueError, RecursionError):
         text = type(value).__name__
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_harden_data(data, fail: Callable[[str], UserError]) -> dict:
@@ -42,15 +37,16 @@ def check_harden_data(data, fail: Callable[[str], UserError]) -> dict:
         raise fail(f"classes {show(data['classes'])} is not a list of names")
     if "input_range" in data:
         value = data["input_range"]
-        if not (isinstance(value, list) and len(value) == 2 and all(is_real(v) for v in value) and value[0] < value[1]):
+        if not (isinstance(value, list) and len(value) == 2 and all(is_finite_number(v) for v in value)
+                and value[0] < value[1]):
             raise fail(f"input_range {show(value)} is not [low, high] with low < high")
     for name in ("mean", "std"):
         value = data.get(name)
         if value is None:
             continue
-        if is_real(value):
+        if is_finite_number(value):
             value = data[name] = [value]
-        if not (isinstance(value, list) and value and all(is_real(v) for v in value)) \
+        if not (isinstance(value, list) and value and all(is_finite_number(v) for v in value)) \
                 or (name == "std" and any(v <= 0 for v in value)):
             rule = "positive finite numbers" if name == "std" else "finite numbers"
             raise fail(f"{name} {show(value)} is not a list of {rule}")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from certify.common.errors import UserError, load_untrusted_json
-from certify.onnx_import.metadata import MAX_CLASSES, check_harden_data, is_real, show
+from certify.common.errors import UserError, is_finite_number, load_untrusted_json
+from certify.onnx_import.metadata import MAX_CLASSES, check_harden_data, show
 from harden.io.architecture import is_factory_ref
 from harden.io.bundle import FORMAT_VERSION
 
@@ -72,7 +72,7 @@ def parse_bundle_metadata(metadata: dict[str, str], path: str | Path, *, file_si
         for key in ("run", "train", "norm"):
             if record.get(key) is not None and not isinstance(record[key], str):
                 raise damaged(f"a harden.history record has {key} {show(record[key])}, not a name")
-        if record.get("eps") is not None and not is_real(record["eps"]):
+        if record.get("eps") is not None and not is_finite_number(record["eps"]):
             raise damaged(f"a harden.history record has eps {show(record['eps'])}, not a number")
     return {"arch": arch, "input_shape": input_shape, "num_classes": int(num_classes), "recipe": recipe,
             "data": data, "source": source, "history": history}
@@ -122,7 +122,7 @@ def check_recipe(recipe, damaged, *, file_size: int) -> list[dict]:
             raise damaged(f"{where} is not a {{'step': name, ...}} record")
         name = step["step"]
         if name == "spectral-norm":
-            if not is_real(step.get("beta")) or not step["beta"] > 0:
+            if not is_finite_number(step.get("beta")) or not step["beta"] > 0:
                 raise damaged(f"{where} (spectral-norm) has beta {show(step.get('beta'))}, not a positive number")
             layers = step.get("layers", ["conv", "linear"])
             if not isinstance(layers, list) or not layers or not all(kind in ("conv", "linear") for kind in layers):
@@ -138,7 +138,7 @@ def check_recipe(recipe, damaged, *, file_size: int) -> list[dict]:
                 raise damaged(f"{where} (wca) has noise_dim {show(noise_dim)}, not a size that fits the file")
             if not isinstance(step.get("layer"), str) or not step["layer"]:
                 raise damaged(f"{where} (wca) names no layer")
-            if "init_std" in step and (not is_real(step["init_std"]) or not step["init_std"] > 0):
+            if "init_std" in step and (not is_finite_number(step["init_std"]) or not step["init_std"] > 0):
                 raise damaged(f"{where} (wca) has init_std {show(step['init_std'])}, not a positive number")
         elif name == "prune":
             layers = step.get("layers")

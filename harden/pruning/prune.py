@@ -42,7 +42,8 @@ from harden.layers.masks import Mask, attach_masks, prunable_layers, zero_pruned
 from harden.pruning.criteria import (condition_hinge, condition_logdet, cubic_sparsity, event_line, json_kappa,
                                      kappa, layer_kappas, layer_sparsities, live_kappa, live_matrix, magnitude_masks, pruning_events,
                                      prune_event, transformed_l1, weight_matrix)
-from harden.training.train import check_common_options, is_finite_number
+from certify.common.errors import is_finite_number
+from harden.training.train import check_common_options
 
 SCHEDULES = ("cubic", "oneshot")
 SCOPES = ("global", "per-layer")

@@ -38,7 +38,8 @@ from harden.training.loop import (Loop, TrainStep, cosine_lr, main_process, plac
 from harden.training.bound_graph import BoundGraph
 from harden.training.objectives import (ATTACK_LABELS, CERTIFIED, OBJECTIVES, SCHEDULES, LayerTerms, Objective, Step,
                                         draw_start, eps_at, make_objective, ramp_fraction)
-from harden.training.train import accuracy, check_common_options, is_finite_number as _finite
+from certify.common.errors import is_finite_number as _finite
+from harden.training.train import accuracy, check_common_options
 
 LR_SCHEDULES = ("constant", "cosine")
 # Kept importable from here for the CLI: the checkpoint file names and the rank-0 test.

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from torch import nn
 
 from certify.data.datasets import Dataset
-from certify.common.errors import UserError
+from certify.common.errors import UserError, is_finite_number
 from harden.io.bundle import Bundle
 
 
@@ -25,10 +24,6 @@ def pick_device(name: str | None = None) -> torch.device:
     from certify.common.distributed import resolve_device
 
     return resolve_device(name)
-
-
-def is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _whole(value) -> bool:
