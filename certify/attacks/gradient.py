@@ -154,26 +154,29 @@ class Attack:
         return self.project(images + delta, images)
 
 
-class FGSM(Attack):
+class _OneStep(Attack):
+    """One full step of size eps along the norm's steepest direction (FGSM, FGM)."""
+
+    NORM = "inf"
+
+    def __init__(self, model: nn.Module, eps: float, *, lower=0.0, upper=1.0, loss: str = "ce",
+                 targeted: bool = False):
+        super().__init__(model, eps, norm=self.NORM, lower=lower, upper=upper, loss=loss, targeted=targeted)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return images + self._step(self.gradient(images, labels), self.eps)
+
+
+class FGSM(_OneStep):
     """Fast gradient sign method (linf): x + eps * sign(grad), one step."""
 
-    def __init__(self, model: nn.Module, eps: float, *, lower=0.0, upper=1.0, loss: str = "ce",
-                 targeted: bool = False):
-        super().__init__(model, eps, norm="inf", lower=lower, upper=upper, loss=loss, targeted=targeted)
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return images + self._step(self.gradient(images, labels), self.eps)
+    NORM = "inf"
 
 
-class FGM(Attack):
+class FGM(_OneStep):
     """Fast gradient method (l2): x + eps * grad / ||grad||_2 per sample, one step."""
 
-    def __init__(self, model: nn.Module, eps: float, *, lower=0.0, upper=1.0, loss: str = "ce",
-                 targeted: bool = False):
-        super().__init__(model, eps, norm="2", lower=lower, upper=upper, loss=loss, targeted=targeted)
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return images + self._step(self.gradient(images, labels), self.eps)
+    NORM = "2"
 
 
 class PGD(Attack):
