@@ -47,7 +47,8 @@ def train(
     from harden.io.architecture import build_plain_module, resolve_arch
     from harden.io.bundle import Bundle
     from harden.io.bundle_file import save_bundle
-    from harden.training.train import check_common_options, pick_device, seed_everything, train_clean
+    from certify.common.distributed import resolve_device
+    from harden.training.train import check_common_options, seed_everything, train_clean
 
     # Everything that can be wrong with the options, before the data is read (or downloaded).
     check_common_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
@@ -57,7 +58,7 @@ def train(
                         "train your own architecture yourself, then use harden convert/finetune on its weights")
     check_data_name(data)
     check_output_path(output, data_inputs(data), suffixes=BUNDLE)
-    pick_device(device)
+    resolve_device(device)
     train_set, test_set = training_splits(data, lambda message: say(message, quiet=quiet))
     input_shape = tuple(train_set.x.shape[1:])
     seed_everything(seed)
@@ -314,7 +315,8 @@ def prune(
 def check_training_run(model, data, limit, output, resume, checkpoint_dir, epochs: int, device: str) -> None:
     """What finetune and prune check before loading anything: the data, every output (the model and
     its checkpoints) and the device."""
-    from harden.training.train import check_limit, pick_device
+    from certify.common.distributed import resolve_device
+    from harden.training.train import check_limit
 
     check_limit(limit)
     check_data_name(data)
@@ -323,7 +325,7 @@ def check_training_run(model, data, limit, output, resume, checkpoint_dir, epoch
     check_output_path(output, inputs + ([resume] if resume is not None else []), suffixes=BUNDLE)
     # The default checkpoint may be the --resume file: continuing rewrites it, as intended.
     check_checkpoints(output, checkpoint_dir, epochs, inputs + [output])
-    pick_device(device)
+    resolve_device(device)
 
 
 def _prune_summary(record: dict, eps: float) -> str:

@@ -246,14 +246,13 @@ def test_bad_device(command, device, files, tmp_path, refused):
 
 @pytest.mark.parametrize("device", BAD_DEVICES)
 def test_device_kind_is_the_one_check(device):
-    from certify.common.distributed import device_kind
-    from harden.training.train import pick_device
+    from certify.common.distributed import device_kind, resolve_device
 
     with pytest.raises(UserError, match="--device"):
         device_kind(device)
     with pytest.raises(UserError, match="--device"):
-        pick_device(device)
-    assert device_kind("cpu") == "cpu" and pick_device("auto").type in ("cpu", "cuda")
+        resolve_device(device)
+    assert device_kind("cpu") == "cpu" and resolve_device("auto").type in ("cpu", "cuda")
 
 
 # --- option values: refused before the model or the data is read -------------------------------------

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from certify.data.datasets import Dataset
+from certify.common.distributed import resolve_device
 from certify.common.errors import UserError, is_finite_number
 from harden.io.bundle import Bundle
 
@@ -16,14 +17,6 @@ def seed_everything(seed: int) -> torch.Generator:
     """Seed torch and return the generator that orders the data, so a run repeats exactly."""
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def pick_device(name: str | None = None) -> torch.device:
-    """--device as a torch.device, checked by the one device check of both tools
-    (certify.common.distributed.device_kind): a UserError for an unknown name or a missing GPU."""
-    from certify.common.distributed import resolve_device
-
-    return resolve_device(name)
 
 
 def _whole(value) -> bool:
@@ -75,7 +68,7 @@ def train_clean(bundle: Bundle, train: Dataset, test: Dataset, *, epochs: int = 
     check_common_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     if len(train) == 0:
         raise UserError("the training data is empty", "give a dataset with samples")
-    dev = pick_device(device)
+    dev = resolve_device(device)
     # One generator for the whole run: each epoch's order continues the previous one's stream.
     order = seed_everything(seed)
     module = bundle.module.to(dev)
