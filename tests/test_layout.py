@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lower number = earlier in the data flow. Top-level modules not listed are at the top (cli level).
 LAYERS = {
-    "certify": ["common", "data", "onnx_import", "specs", ("bounds", "attacks"), "verdicts", "reports"],
+    "certify": ["common", "data", "onnx_import", "specs", ("bounds", "attacks"), "bab", "verdicts", "reports"],
     "harden": ["layers", "io", ("training", "convert"), "pruning", "inspect"],
 }
 COMPAT_SHIMS = {"harden.loading", "harden.export", "certify.engine"}  # old flat paths, re-exports only
