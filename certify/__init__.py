@@ -6,6 +6,7 @@ from certify.common.lazy import lazy_names
 
 __getattr__ = lazy_names("certify", {
     "certify_model": "certify.verdicts.dataset",
+    "certify_module": "certify.api",
     "check_properties": "certify.verdicts.vnnlib_check",
     "import_onnx": "certify.onnx_import.reader",
     "UserError": "certify.common.errors",

@@ -9,4 +9,8 @@ __getattr__ = lazy_names("harden", {
     "save_bundle": "harden.io.bundle_file",
     "Bundle": "harden.io.bundle",
     "export_onnx": "harden.io.export",
+    "spectral_normalize": "harden.api",
+    "finetune": "harden.api",
+    "prune": "harden.api",
+    "export_module": "harden.api",
 })

@@ -11,7 +11,7 @@ import torch
 
 from certify.common.errors import UserError
 
-KNOWN_DATASETS = ("mnist", "fashion-mnist")
+KNOWN_DATASETS = ("mnist", "fashion-mnist", "cifar10")
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -25,6 +25,7 @@ from typing import Callable
 
 from certify.common.errors import UserError
 from certify.data.base import IMAGE_SUFFIXES, KNOWN_DATASETS, SPLITS, Dataset, data_root
+from certify.data.cifar import is_cifar_folder, load_cifar10
 from certify.data.fetching import _extract_deb_members
 from certify.data.idx import _IDX_DATASETS, _load_idx_dataset
 from certify.data.user_data import _load_image_folder, _load_npz
@@ -46,6 +47,8 @@ def load_dataset(spec: str, split: str = "test", *, log: Callable[[str], None] |
     # A name wins over a same-named folder in the working directory; "./mnist" reaches the folder.
     if spec.lower() in _IDX_DATASETS:
         dataset = _load_idx_dataset(_IDX_DATASETS[spec.lower()], split)
+    elif spec.lower() == "cifar10":
+        dataset = load_cifar10(split)
     else:
         path = Path(spec).expanduser()
         try:
@@ -53,7 +56,7 @@ def load_dataset(spec: str, split: str = "test", *, log: Callable[[str], None] |
         except (OSError, ValueError) as error:  # a name too long, a NUL byte
             raise UserError(f"cannot use --data {spec!r} ({error})", f"give {_ACCEPTED}") from None
         if is_dir:
-            dataset = _load_image_folder(path, spec)
+            dataset = load_cifar10(split, path) if is_cifar_folder(path) else _load_image_folder(path, spec)
         elif is_file and path.suffix.lower() == ".npz":
             dataset = _load_npz(path, spec)
         elif exists:
