@@ -7,7 +7,8 @@ safetensors metadata (string -> string), JSON documents:
                   {"kind": "factory", "ref": "pkg.mod:fn"} or {"kind": "onnx-graph", "graph": <b64 zlib>}
   harden.model    {"input_shape": [C,H,W], "num_classes": K}
   harden.recipe   the rewrites applied on top, in order (spectral norm, WCA noise, pruning masks)
-  harden.data     what certification needs: dataset name, classes, input range, mean/std
+  harden.data     what certification needs: dataset name, classes, input range, and the input
+                  normalization mean/std, taken once and applied by every later step (harden.io.normalization)
   harden.source   the file this model came from: path, sha256, format
   harden.history  one record per training / pruning run
 Loading rebuilds the plain module, re-applies the recipe (which creates the parametrization
