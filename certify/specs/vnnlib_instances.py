@@ -56,6 +56,13 @@ def _read_instances(csv_path: Path, skip_missing: bool) -> list[tuple[Path | Non
 
 def read_instances(csv_path: str | Path, *, skip_missing: bool = False
                    ) -> tuple[list[tuple[Path | None, Path]], list[tuple[int, str, str]]]:
+    """The pairs of `read_instance_rows` without their timeouts, and the rows left out."""
+    rows, missing = read_instance_rows(csv_path, skip_missing=skip_missing)
+    return [(onnx, vnnlib) for onnx, vnnlib, _ in rows], missing
+
+
+def read_instance_rows(csv_path: str | Path, *, skip_missing: bool = False
+                       ) -> tuple[list[tuple[Path | None, Path, float | None]], list[tuple[int, str, str]]]:
     """The (onnx or None, vnnlib) pairs of a VNN-COMP instances.csv, and the rows left out because a
     file is missing, as (line, onnx cell, vnnlib cell) (only with `skip_missing`; else an error).
 
@@ -63,14 +70,15 @@ def read_instances(csv_path: str | Path, *, skip_missing: bool = False
     that folder: absolute paths and `..` that climbs out of it are refused (VNN-COMP benchmarks
     name their files relative to the benchmark folder; a csv must not make certify read files
     elsewhere). Symbolic links inside the folder are followed: the folder is the user's. The
-    timeout, when given, must be a positive number of seconds (it is read, not enforced).
+    timeout, when given, must be a positive number of seconds (None where the row has none);
+    branch and bound enforces it.
     """
     csv_path = Path(csv_path)
     locator = _Locator(csv_path, skip_missing)
     text = _read_text(csv_path, "instances csv")
     if "\0" in text:
         raise _fail(csv_path, text.count("\n", 0, text.index("\0")) + 1, "NUL character", "expected a text file")
-    pairs: list[tuple[Path | None, Path]] = []
+    pairs: list[tuple[Path | None, Path, float | None]] = []
     missing: list[tuple[int, str, str]] = []
     reader = csv.reader(text.splitlines())
     try:
@@ -84,7 +92,7 @@ def read_instances(csv_path: str | Path, *, skip_missing: bool = False
             if vnnlib is None or (cells[0] and onnx is None):
                 missing.append((line, cells[0], cells[1]))  # only reached with skip_missing
                 continue
-            pairs.append((onnx, vnnlib))
+            pairs.append((onnx, vnnlib, float(cells[2]) if len(cells) == 3 else None))
     except csv.Error as error:
         raise _fail(csv_path, reader.line_num, f"not a readable csv ({error})", "expected rows onnx,vnnlib,timeout") from None
     if not pairs:
@@ -93,7 +101,7 @@ def read_instances(csv_path: str | Path, *, skip_missing: bool = False
 
 
 def _row_cells(cells: list[str], csv_path: Path, line: int) -> list[str] | None:
-    """The stripped onnx and vnnlib cells of one row (its timeout checked), or None for a blank,
+    """The stripped onnx, vnnlib (and timeout, checked) cells of one row, or None for a blank,
     comment or header row."""
     cells = [c.strip() for c in cells]
     while cells and not cells[-1]:
@@ -113,7 +121,7 @@ def _row_cells(cells: list[str], csv_path: Path, line: int) -> list[str] | None:
         if not (math.isfinite(timeout) and timeout > 0):
             raise _fail(csv_path, line, f"timeout {cells[2][:40]!r} is not a positive number of seconds",
                         "write the timeout in seconds, e.g. 120")
-    return cells[:2]
+    return cells
 
 
 class _Locator:

@@ -19,14 +19,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from certify.attacks.gradient import find_adversarial
+from certify.attacks.gradient import find_adversarial, margin
+from certify.bab.outcome import SAT, UNSAT, Limits, Query
+from certify.bab.search import NOT_APPLICABLE, SearchSummary, search_all
 from certify.bounds.bounder import (METHODS, MarginBounder, lower_bounds,
                                     margin_matrix)
+from certify.common.errors import UserError
 from certify.common.seeds import generator, stream_seed
 from certify.verdicts import stages as stage_table
 from certify.verdicts.file_outputs import FileOutputs
 
 VERIFIED, FALSIFIED, UNKNOWN = "verified", "falsified", "unknown"
+# The bound methods, then branch and bound: what --method accepts.
+CASCADE_METHODS = METHODS + ("bab",)
+BRANCHING = ("babsr", "fsb")
+
+
+def check_bab_options(timeout: float | None, max_domains: int, branching: str) -> None:
+    """A UserError on the first bad branch-and-bound option."""
+    if timeout is not None and not (0 < timeout < float("inf")):
+        raise UserError(f"--timeout {timeout} is not a positive number of seconds", "give e.g. --timeout 30")
+    if max_domains <= 0:
+        raise UserError(f"--max-domains {max_domains} is not positive", "give e.g. --max-domains 200000")
+    if branching not in BRANCHING:
+        raise UserError(f"unknown --branching {branching!r}", f"use one of {', '.join(BRANCHING)}")
 
 
 @dataclass
@@ -39,6 +55,7 @@ class Verdict:
     margin_lower_bound: float | None  # best sound lower bound of min_j margin found (None: not bounded)
     seconds: float
     reused_from: float | None = None  # the eps whose verdict implied this one (None: decided here)
+    bab: dict | None = None  # what branch and bound did (certify.bab.search.SearchSummary), if it ran
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -54,7 +71,7 @@ class Verdict:
         """
         bound = self.margin_lower_bound if self.verdict == VERIFIED else None
         return Verdict(self.index, self.label, self.prediction, self.verdict, self.method,
-                       bound, 0.0, self.reused_from if self.reused_from is not None else eps)
+                       bound, 0.0, self.reused_from if self.reused_from is not None else eps, self.bab)
 
 
 @dataclass
@@ -64,6 +81,17 @@ class CascadeOptions:
     attack_steps: int = 50
     attack_restarts: int = 3
     seed: int = 0
+    # Branch and bound (the "bab" method): seconds per sample or property (None: no limit, only the
+    # domain limit), domains bounded per sample or property, domains split per step, branching rule.
+    timeout: float | None = None
+    max_domains: int = 200_000
+    bab_batch: int = 64
+    branching: str = "babsr"
+
+    def bab_limits(self) -> Limits:
+        """Fresh limits for one sample or property, its clock started now."""
+        deadline = float("inf") if self.timeout is None else time.perf_counter() + self.timeout
+        return Limits(deadline=deadline, max_domains=self.max_domains, batch=self.bab_batch, branching=self.branching)
 
 
 def cascade_stages(options: CascadeOptions) -> list[stage_table.Stage]:
@@ -106,6 +134,7 @@ class _SampleBatch:
         self.method = [None if self.open_[i] else "clean" for i in range(n)]
         self.best = torch.full((n, self.bounder.num_classes - 1), -float("inf"))
         self.cost = torch.zeros(n)
+        self.bab: list[dict | None] = [None] * n
 
     def open_rows(self) -> torch.Tensor:
         return torch.nonzero(self.open_).flatten()
@@ -136,6 +165,45 @@ class _SampleBatch:
         self.best[rows] = torch.maximum(self.best[rows], lower)
         for row in rows[self.best[rows].min(1).values > 0].tolist():
             self.decide(row, VERIFIED, method)
+
+    def branch_and_bound(self, rows: torch.Tensor) -> None:
+        for row in rows.tolist():
+            summary = self._search(row)
+            self.bab[row] = summary.to_json()
+            if summary.result == UNSAT:
+                self.decide(row, VERIFIED, summary.method)
+            elif summary.result == SAT:
+                self.decide(row, FALSIFIED, summary.method)
+
+    def _search(self, row: int) -> SearchSummary:
+        """One tree per competing class whose margin is still open, lowest bound first."""
+        if self.l2_radii is not None:
+            return SearchSummary(UNKNOWN, None, None, 0, NOT_APPLICABLE + " (l2 region)")
+        label, k = int(self.labels[row]), self.bounder.num_classes
+        others = [j for j in range(k) if j != label]
+        lower, upper = self.box[0][row:row + 1].float(), self.box[1][row:row + 1].float()
+        columns = [col for col in torch.argsort(self.best[row]).tolist() if self.best[row, col] <= 0]
+        queries = []
+        for col in columns:
+            c = torch.zeros(1, k)
+            c[0, label], c[0, others[col]] = 1.0, -1.0
+            queries.append(Query(lower, upper, c, torch.zeros(1), lambda x, r=row: self._confirm(r, x)))
+        summary = search_all(self.bounder, self.module, queries, self.options.bab_limits())
+        for col, bound in zip(columns, summary.tree_bounds):
+            self.best[row, col] = max(float(self.best[row, col]), bound)
+        return summary
+
+    def _confirm(self, row: int, x: torch.Tensor) -> bool:
+        """Whether x is a counterexample for this sample: in its box, and misclassified by the ONNX
+        file where the batch has it (else by the module)."""
+        if not bool(((x >= self.box[0][row]) & (x <= self.box[1][row])).all()):
+            return False
+        label = self.labels[row:row + 1]
+        if self.file_outputs is not None:
+            return bool(self.file_outputs.misclassified(x.unsqueeze(0).cpu(), label)[0])
+        with torch.no_grad():
+            logits = self.module(x.unsqueeze(0).to(self.bounder.device)).cpu()
+        return bool(margin(logits, label)[0] > 0)
 
     def l2_ball(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.l2_radii is None:
@@ -174,5 +242,6 @@ def certify_batch(module: nn.Module, bounder: MarginBounder, x: torch.Tensor, la
     for i in range(n):
         bound = batch.best[i].min().item()
         out.append(Verdict(indices[i], int(labels[i]), int(batch.predictions[i]), batch.verdict[i], batch.method[i],
-                           bound if bound > -float("inf") else None, round(batch.cost[i].item() + overhead, 6)))
+                           bound if bound > -float("inf") else None, round(batch.cost[i].item() + overhead, 6),
+                           bab=batch.bab[i]))
     return out

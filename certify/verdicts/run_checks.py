@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from certify.bounds.bounder import METHODS
+from certify.verdicts.cascade import CASCADE_METHODS as METHODS
 from certify.common import distributed
 from certify.common.errors import UserError
 from certify.specs.input_spec import InputSpec, check_norm, check_normalization

@@ -48,11 +48,13 @@ from certify.specs.rounding import inward_box, outward_box
 from certify.specs.vnnlib import (VnnlibProperty, find_properties,
                                   parse_vnnlib, read_instances,
                                   write_counterexample)
-from certify.verdicts.cascade import (CascadeOptions, cascade_stages,
+from certify.verdicts.cascade import (CASCADE_METHODS, CascadeOptions,
+                                      cascade_stages, check_bab_options,
                                       lower_bounds)
 from certify.verdicts.file_outputs import FileOutputs, certified_module
 from certify.verdicts.regions import Region, find_in_region
 from certify.verdicts.stages import run_stages
+from certify.verdicts.vnnlib_bab import branch_and_bound, instance_timeouts
 
 SAT, UNSAT, UNKNOWN = "sat", "unsat", "unknown"
 _VERDICT_OF = {UNSAT: "verified", SAT: "falsified", UNKNOWN: "unknown"}
@@ -69,6 +71,7 @@ class PropertyResult:
     seconds: float
     counterexample: str | None = None  # where the counterexample was written (sat only)
     vnnlib_sha256: str | None = None  # of the property file as it was parsed
+    bab: dict | None = None     # what branch and bound did (certify.bab.search.SearchSummary), if it ran
     x: torch.Tensor | None = field(default=None, repr=False)  # the counterexample, kept until written
     y: torch.Tensor | None = field(default=None, repr=False)
 
@@ -79,7 +82,7 @@ class PropertyResult:
     def to_json(self) -> dict:
         return {"onnx": self.onnx, "vnnlib": self.vnnlib, "result": self.result, "verdict": self.verdict,
                 "method": self.method, "bound": self.bound, "seconds": self.seconds,
-                "counterexample": self.counterexample}
+                "counterexample": self.counterexample, "bab": self.bab}
 
 
 @dataclass
@@ -181,9 +184,14 @@ def check_properties(model: str | Path | None, targets: list[str | Path], *, met
                      attack: bool = True, attack_steps: int = 50, attack_restarts: int = 5, seed: int = 0,
                      batch_size: int = 16, device: str | None = None, mean: list[float] | None = None,
                      std: list[float] | None = None, quiet: bool = False,
-                     check_outputs: Callable[[list[tuple[Path, Path]]], None] | None = None) -> VnnlibRun | None:
+                     check_outputs: Callable[[list[tuple[Path, Path]]], None] | None = None,
+                     timeout: float | None = None, max_domains: int = 200_000,
+                     branching: str = "babsr") -> VnnlibRun | None:
     """Check every property named by `targets` (see resolve_instances) and return the results in order
     (None on the ranks other than 0 under torchrun).
+
+    With "bab" among the methods, each property still open gets branch and bound for at most
+    `timeout` seconds, or its instances.csv row's timeout where that is smaller.
 
     Every file is read and every model loaded before any work, so a bad input fails at once.
     `check_outputs`, if given, sees the (onnx, vnnlib) pairs before any of them is parsed (the
@@ -192,7 +200,9 @@ def check_properties(model: str | Path | None, targets: list[str | Path], *, met
     started = time.perf_counter()
     check_vnnlib_options(methods=methods, batch_size=batch_size, attack_steps=attack_steps,
                          attack_restarts=attack_restarts, seed=seed, mean=mean, std=std, device=device)
+    check_bab_options(timeout, max_domains, branching)
     pairs, skipped = resolve_instances(model, targets)
+    csv_timeouts = instance_timeouts(targets)
     if check_outputs is not None:
         check_outputs(pairs)
     properties = {vnnlib: parse_vnnlib(vnnlib) for _, vnnlib in pairs}
@@ -210,7 +220,8 @@ def check_properties(model: str | Path | None, targets: list[str | Path], *, met
         say(line, quiet=not shard.is_main)  # shown even with --quiet: the run covers less than the file lists
     loaded = {onnx: _load(onnx, model, spec, dev) for onnx, model in models.items()}
     options = CascadeOptions(methods=tuple(methods), attack=attack, attack_steps=attack_steps,
-                             attack_restarts=attack_restarts, seed=seed)
+                             attack_restarts=attack_restarts, seed=seed, timeout=timeout, max_domains=max_domains,
+                             branching=branching)
 
     # The batches of the whole run, model by model; the attack seed is a function of the batch alone.
     batches = []
@@ -223,7 +234,8 @@ def check_properties(model: str | Path | None, targets: list[str | Path], *, met
         task = bar.add_task("vnnlib", total=sum(len(chunk) for _, chunk, _ in mine), status="")
         for onnx, chunk, chunk_seed in mine:
             props = [properties[pairs[k][1]] for k in chunk]
-            for k, result in zip(chunk, _check_chunk(loaded[onnx], onnx, props, options, chunk_seed)):
+            timeouts = [csv_timeouts.get(pairs[k]) for k in chunk]
+            for k, result in zip(chunk, _check_chunk(loaded[onnx], onnx, props, options, chunk_seed, timeouts)):
                 results[k] = result
             done = [r for r in results if r is not None]
             bar.update(task, advance=len(chunk),
@@ -245,9 +257,9 @@ def check_vnnlib_options(*, methods=METHODS, batch_size: int = 16, attack_steps:
     """The checks of a VNN-LIB run that need no file: a UserError on the first bad option."""
     from certify.verdicts.run_checks import check_attack_options
 
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in CASCADE_METHODS]
     if unknown or not methods:
-        raise UserError(f"unknown --method {', '.join(unknown) or '(none)'}", f"use one of {', '.join(METHODS)}")
+        raise UserError(f"unknown --method {', '.join(unknown) or '(none)'}", f"use one of {', '.join(CASCADE_METHODS)}")
     if batch_size <= 0:
         raise UserError(f"--batch-size {batch_size} is not positive", "give e.g. --batch-size 16")
     check_attack_options(attack_steps, attack_restarts, seed)
@@ -278,8 +290,11 @@ def _check_fits(prop: VnnlibProperty, model: CertifiableModel) -> None:
 class _PropertyBatch:
     """One chunk of properties of one model, as the stage runner (certify.verdicts.stages) sees it."""
 
-    def __init__(self, state: _Loaded, props: list[VnnlibProperty], attack_steps: int, seed: int):
+    def __init__(self, state: _Loaded, props: list[VnnlibProperty], attack_steps: int, seed: int,
+                 options: CascadeOptions | None = None, timeouts: list[float | None] | None = None):
         n = len(props)
+        self.options, self.timeouts = options or CascadeOptions(), timeouts or [None] * n
+        self.bab: list[dict | None] = [None] * n
         shape = tuple(state.model.input_shape)
         self.state, self.props, self.attack_steps, self.seed = state, props, attack_steps, seed
         self.lower64 = torch.stack([p.lower for p in props]).view(n, *shape)
@@ -324,6 +339,9 @@ class _PropertyBatch:
                 self.result[i], self.method[i] = UNSAT, method
 
 
+    def branch_and_bound(self, rows: torch.Tensor) -> None:
+        branch_and_bound(self, rows)
+
     def _lower_spec_bounds(self, rows: torch.Tensor, c: torch.Tensor, method: str) -> torch.Tensor:
         """float64 lower bounds of C y over the box, for the float64 C of the file. The bounder works
         in float32: a C that float32 holds exactly goes to it as is (the tightest bound); otherwise
@@ -340,18 +358,20 @@ class _PropertyBatch:
 
 
 def _check_chunk(state: _Loaded, onnx: Path, props: list[VnnlibProperty], options: CascadeOptions,
-                 seed: int) -> list[PropertyResult]:
-    batch = _PropertyBatch(state, props, options.attack_steps, seed)
+                 seed: int, timeouts: list[float | None] | None = None) -> list[PropertyResult]:
+    batch = _PropertyBatch(state, props, options.attack_steps, seed, options, timeouts)
     run_stages(cascade_stages(options), batch)
     certificates = batch.region.certificate(batch.best, torch.arange(len(props)))
     out = []
     for i, prop in enumerate(props):
         value = certificates[i].item()
+        if batch.method[i] in ("bab", "bab-input") and batch.result[i] == UNSAT:
+            value = batch.bab[i]["lower_bound"]
         bounded = batch.result[i] != SAT and value > -float("inf")
         x, y = batch.found[i] or (None, None)
         out.append(PropertyResult(str(onnx), str(prop.path), batch.result[i], batch.method[i],
                                   value if bounded else None, round(float(batch.cost[i]), 6), x=x, y=y,
-                                  vnnlib_sha256=prop.sha256))
+                                  vnnlib_sha256=prop.sha256, bab=batch.bab[i]))
     return out
 
 
