@@ -348,12 +348,12 @@ def test_softmax_output_is_refused(tmp_path):
 
 
 def test_unsupported_op_is_named(tmp_path):
-    nodes = [helper.make_node("Erf", ["x"], ["y"], name="my_erf")]
+    nodes = [helper.make_node("Softsign", ["x"], ["y"], name="my_softsign")]
     path = make_graph(nodes, [float_input("x", [1, 4])], [float_input("y", [1, 4])], {},
-                      path=tmp_path / "erf.onnx")
+                      path=tmp_path / "softsign.onnx")
     with pytest.raises(UserError) as error:
         import_onnx(path)
-    assert "Erf" in error.value.what and "my_erf" in error.value.what
+    assert "Softsign" in error.value.what and "my_softsign" in error.value.what
     assert all(op in error.value.hint for op in SUPPORTED_OPS)
 
 

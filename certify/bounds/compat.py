@@ -129,6 +129,70 @@ def _patch_relu_full_alpha(auto_LiRPA) -> None:
     _applied.append("BoundRelu.init_opt_parameters(full-alpha reset)")
 
 
+def _patch_flat_add_mode(auto_LiRPA) -> None:
+    # 0.3 puts every Add and Sub in "patches" mode (meant for convolution outputs) and, when one
+    # needs its own bounds, reads a channel axis off its output: on a flat (batch, features) Add,
+    # such as GELU's 1 + erf(x / sqrt 2) feeding a product, an IndexError. A flat output has no
+    # patches: such a node is in matrix mode.
+    from auto_LiRPA.bound_general import BoundedModule
+    from auto_LiRPA.operators.bivariate import BoundAdd, BoundSub
+
+    original = BoundedModule.get_sparse_C
+    if getattr(original, "_harden_patched", False):
+        return
+
+    @functools.wraps(original)
+    def get_sparse_C(self, node, *args, **kwargs):
+        if isinstance(node, (BoundAdd, BoundSub)) and getattr(node, "mode", None) == "patches" \
+                and len(node.output_shape) < 4:
+            node.mode = "matrix"
+        return original(self, node, *args, **kwargs)
+
+    get_sparse_C._harden_patched = True
+    BoundedModule.get_sparse_C = get_sparse_C
+    _applied.append("BoundedModule.get_sparse_C(flat Add in matrix mode)")
+
+
+def bounded_module(module, example, **options):
+    """auto_LiRPA's BoundedModule of `module` traced on `example`. An op auto_LiRPA cannot bound is a
+    UserError that names it, not auto_LiRPA's bare NotImplementedError after lines of its log."""
+    import logging
+
+    from certify.common.errors import UserError
+
+    auto_lirpa = lirpa()
+    unsupported: list[str] = []
+
+    class _Collect(logging.Filter):
+        def filter(self, record):  # auto_LiRPA logs each op it cannot bound as "Name: onnx::Op, Attr: ..."
+            text = record.getMessage()
+            if text.startswith("Name: "):
+                unsupported.append(text[6:].split(",")[0].replace("onnx::", ""))
+            return record.levelno < logging.ERROR
+
+    log, collect = logging.getLogger("auto_LiRPA.utils"), _Collect()
+    log.addFilter(collect)
+    try:
+        return auto_lirpa.BoundedModule(module, example, **options)
+    except NotImplementedError:
+        if not unsupported:
+            raise
+        raise UserError(f"the model uses {', '.join(sorted(set(unsupported)))}, which the bound methods "
+                        "(auto_LiRPA) cannot bound", "replace that layer with a supported one (ReLU, "
+                        "LeakyReLU, Sigmoid, Tanh, GELU, SiLU, ELU, MaxPool, AvgPool, BatchNorm)") from None
+    finally:
+        log.removeFilter(collect)
+
+
+def _register_activations(auto_LiRPA) -> None:
+    # 0.3 has no bound for Erf (GELU) or ELU; certify.bounds.activations has sound ones.
+    from certify.bounds.activations import bound_classes
+
+    for op, bound_class in bound_classes().items():
+        auto_LiRPA.register_custom_op(op, bound_class)
+        _applied.append(f"custom op {op}")
+
+
 @functools.lru_cache(maxsize=None)
 def lirpa():
     """Import auto_LiRPA with whatever patches the installed versions need, and return it."""
@@ -154,4 +218,6 @@ def lirpa():
     if old_release:
         _patch_named_members(auto_LiRPA)
         _patch_relu_full_alpha(auto_LiRPA)
+        _patch_flat_add_mode(auto_LiRPA)
+        _register_activations(auto_LiRPA)
     return auto_LiRPA

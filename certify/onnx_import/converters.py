@@ -178,6 +178,13 @@ def _activation(make: Callable[[dict], nn.Module]):
     return convert
 
 
+def _elementwise(function: Callable):
+    def convert(b: _GraphBuilder, node, attrs, x: _Value):
+        return b.call(function, x)
+
+    return convert
+
+
 def _binary(function: Callable):
     def convert(b: _GraphBuilder, node, attrs, x: _Value, y: _Value):
         x, y = b.broadcastable(x, y)
@@ -300,6 +307,9 @@ CONVERTERS: dict[str, Callable] = {
     "Sigmoid": _activation(lambda attrs: nn.Sigmoid()),
     "Tanh": _activation(lambda attrs: nn.Tanh()),
     "LeakyRelu": _activation(lambda attrs: nn.LeakyReLU(float(attrs.get("alpha", 0.01)))),
+    "Elu": _activation(lambda attrs: nn.ELU(float(attrs.get("alpha", 1.0)))),
+    "Gelu": _activation(lambda attrs: nn.GELU(approximate=attrs.get("approximate", "none"))),
+    "Erf": _elementwise(torch.erf),
     "Add": _binary(torch.add),
     "Sub": _binary(torch.sub),
     "Mul": _binary(torch.mul),

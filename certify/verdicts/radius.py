@@ -6,7 +6,8 @@ Per sample we keep an interval [lower, upper]: the cascade verified the box of r
 intervals, until upper - lower <= tol. The reported radius is `lower`: an eps that WAS verified,
 so it is sound whatever the bound methods do in between (they need not be monotone in eps).
 `attack_upper` is the smallest radius where the attack found an adversarial example: the true
-robust radius lies below it.
+robust radius lies below it. With a per-sample time `budget` a sample whose rounds have cost that
+much stops bisecting where it is: its radius is still one that was verified, only less tight.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,6 +38,7 @@ class RadiusRecord:
     attack_upper: float | None   # smallest eps where an adversarial example was found (None: never)
     method: str | None           # the method that verified `radius` (clean: misclassified)
     seconds: float
+    out_of_time: bool = False    # the time budget stopped the bisection before `tolerance`
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -48,16 +51,19 @@ def radius_summary(records: list[RadiusRecord], tolerance: float) -> dict:
             "median": statistics.median(radii) if radii else 0.0,
             "min": min(radii, default=0.0), "max": max(radii, default=0.0),
             "certified_nonzero": sum(1 for r in radii if r > 0),
-            "falsified_by_attack": sum(1 for r in records if r.attack_upper is not None)}
+            "falsified_by_attack": sum(1 for r in records if r.attack_upper is not None),
+            "out_of_time": sum(1 for r in records if r.out_of_time)}
 
 
 def bisect_radius(module: nn.Module, bounder: MarginBounder, spec: InputSpec, x: torch.Tensor,
                   labels: torch.Tensor, indices: list[int], options: CascadeOptions, *, tolerance: float,
                   lower: torch.Tensor, upper: torch.Tensor, attack_upper: torch.Tensor, seed: int,
                   verified_method: list[str | None] | None = None,
-                  file_outputs: FileOutputs | None = None) -> list[RadiusRecord]:
+                  file_outputs: FileOutputs | None = None, budget: float | None = None,
+                  progress: Callable[[str], None] | None = None) -> list[RadiusRecord]:
     """Bisect every sample of one batch; `lower`/`upper`/`attack_upper` (float64, (n,)) start the
-    intervals (e.g. from the --eps verdicts already known), `attack_upper` inf where none."""
+    intervals (e.g. from the --eps verdicts already known), `attack_upper` inf where none.
+    `budget`: seconds per sample (None: no limit); `progress` is told after each round."""
     n = x.shape[0]
     lower, upper, attack_upper = lower.clone(), upper.clone(), attack_upper.clone()
     method: list[str | None] = list(verified_method) if verified_method is not None else [None] * n
@@ -70,7 +76,9 @@ def bisect_radius(module: nn.Module, bounder: MarginBounder, spec: InputSpec, x:
         method[i] = "clean"
     round_ = 0
     while True:
-        open_ = torch.nonzero(upper - lower > tolerance).flatten()
+        unfinished = upper - lower > tolerance
+        in_time = cost < budget if budget is not None else torch.ones(n, dtype=torch.bool)
+        open_ = torch.nonzero(unfinished & in_time).flatten()
         if open_.numel() == 0:
             break
         mid = (lower[open_] + upper[open_]) / 2
@@ -90,7 +98,10 @@ def bisect_radius(module: nn.Module, bounder: MarginBounder, spec: InputSpec, x:
                 if verdict.verdict == FALSIFIED:
                     attack_upper[row] = min(attack_upper[row].item(), mid[k].item())
         round_ += 1
+        if progress is not None:
+            progress(f"radius round {round_}: {open_.numel()}/{n} of the batch bisected")
     return [RadiusRecord(indices[i], int(labels[i]), int(predictions[i]), float(lower[i]), float(upper[i]),
                          None if attack_upper[i] == float("inf") else float(attack_upper[i]),
-                         method[i] if lower[i] > 0 or wrong[i] else None, round(float(cost[i]), 6))
+                         method[i] if lower[i] > 0 or wrong[i] else None, round(float(cost[i]), 6),
+                         bool(upper[i] - lower[i] > tolerance))
             for i in range(n)]
