@@ -282,7 +282,7 @@ FINETUNE_PRUNE_BAD = [
     (["--data", "no-such-dataset"], "unknown dataset 'no-such-dataset'"),
 ]
 FINETUNE_BAD = [
-    (["--lr-schedule", "step"], "unknown --lr-schedule 'step'"),
+    (["--lr-schedule", "exp"], "unknown --lr-schedule 'exp'"),
     (["--eps-schedule", "cubic"], "unknown --eps-schedule 'cubic'"),
     (["--eps-ramp-epochs", "-1"], "--eps-ramp-epochs -1.0"),
     (["--eps-ramp-epochs", "nan"], "--eps-ramp-epochs nan"),

@@ -47,8 +47,9 @@ def module_to_onnx_bytes(module: nn.Module, input_shape: tuple[int, ...]) -> byt
 
 
 def baked_module(module: nn.Module, *, deterministic: bool = True) -> nn.Module:
-    """A copy with every parametrization (spectral norm, pruning masks) replaced by its value."""
-    from harden.layers.spectral import bake
+    """A copy with every parametrization (spectral norm, pruning masks) replaced by its value, in eval
+    mode, each BatchNorm that follows a conv/linear folded into it."""
+    from harden.layers.spectral import bake, fold_batchnorm
 
     module = bake(independent_copy(module))
     for layer in module.modules():
@@ -57,7 +58,9 @@ def baked_module(module: nn.Module, *, deterministic: bool = True) -> nn.Module:
                 parametrize.remove_parametrizations(layer, name, leave_parametrized=True)
     if deterministic:
         _set_noise(module, enabled=False)
-    return module.eval()
+    # A BatchNorm right after a conv/linear (certified training's BatchNorm nets) becomes part of
+    # that layer: the file certify reads is then plain convs and dense layers.
+    return fold_batchnorm(module.eval())
 
 
 def independent_copy(module: nn.Module) -> nn.Module:

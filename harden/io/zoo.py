@@ -24,6 +24,37 @@ def small_cnn(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int 
     )
 
 
+def small_cnn_bn(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """The small CNN with a BatchNorm after every hidden layer (Shi et al.: BatchNorm keeps the ReLUs
+    of IBP-trained nets balanced); each BatchNorm folds into its layer for export."""
+    channels, height, width = input_shape
+    flat = 32 * ((height + 3) // 4) * ((width + 3) // 4)
+    return nn.Sequential(
+        nn.Conv2d(channels, 16, 4, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(flat, 100), nn.BatchNorm1d(100), nn.ReLU(),
+        nn.Linear(100, num_classes),
+    )
+
+
+def medium_cnn_bn(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """The IBP papers' "medium" CNN with BatchNorm: four convs (32, 32, 64, 64 channels, two of
+    them strided) and two dense layers. About twenty times the small CNN's compute."""
+    channels, height, width = input_shape
+    flat = 64 * ((height + 3) // 4) * ((width + 3) // 4)
+
+    def block(inputs: int, outputs: int, kernel: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(inputs, outputs, kernel, stride=stride, padding=1), nn.BatchNorm2d(outputs), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(channels, 32, 3, 1), *block(32, 32, 4, 2), *block(32, 64, 3, 1), *block(64, 64, 4, 2),
+        nn.Flatten(),
+        nn.Linear(flat, 512), nn.BatchNorm1d(512), nn.ReLU(),
+        nn.Linear(512, num_classes),
+    )
+
+
 def mlp(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
     """Two hidden layers of 256 ReLU units."""
     inputs = input_shape[0] * input_shape[1] * input_shape[2]
@@ -43,6 +74,8 @@ def mlp_elu_512(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: in
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "small-cnn": small_cnn,
+    "small-cnn-bn": small_cnn_bn,
+    "medium-cnn-bn": medium_cnn_bn,
     "mlp": mlp,
     "mlp-elu-512": mlp_elu_512,
 }

@@ -1,9 +1,10 @@
 """`harden finetune`: adversarial and certified fine-tuning, on one process or many.
 
 The loop: epochs of global batches drawn in a seeded order; each step computes one objective
-(harden.training.objectives) plus the terms the model's layers call for, then Adam. The eps of a step
-follows a ramp from 0 over `eps_ramp_epochs` (linear or smooth); kappa and the CROWN-IBP beta
-follow the same ramp.
+(harden.training.objectives, harden.training.expressive) plus the terms the model's layers call for,
+then Adam. The eps of a step follows a ramp from 0 (linear or smooth): over `eps_ramp_epochs` when
+given, otherwise the step plan of harden.training.schedule (clean warm-up and ramp counted in steps,
+with step lr decay and gradient clipping); kappa and the CROWN-IBP beta follow the same ramp.
 
 The loop itself (epochs, data order, DDP under torchrun, checkpoints) is harden.training.loop;
 this module is its fine-tuning configuration: the eps ramp, the attack starts, the cosine lr.
@@ -37,11 +38,15 @@ from harden.training.loop import (Loop, TrainStep, cosine_lr, main_process, plac
                                   training_module, wrap_step)
 from harden.training.bound_graph import BoundGraph
 from harden.training.objectives import (ATTACK_LABELS, CERTIFIED, OBJECTIVES, SCHEDULES, LayerTerms, Objective, Step,
-                                        draw_start, eps_at, make_objective, ramp_fraction)
+                                        draw_start)
+from harden.training.expressive import make_training_objective
+from harden.training.recipe import WARMUP_WEIGHT, ibp_initialize
+from harden.training.schedule import StepPlan, step_decay_lr
 from certify.common.errors import is_finite_number as _finite
 from harden.training.train import accuracy, check_common_options
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "step")
+DEFAULT_GRAD_CLIP = 10.0  # Shi et al.'s clip, the default of a planned certified run
 # Kept importable from here for the CLI: the checkpoint file names and the rank-0 test.
 __all__ = ["FinetuneConfig", "check_data", "check_resume", "default_checkpoint", "epoch_checkpoint", "evaluate",
            "finetune", "main_process"]
@@ -58,20 +63,46 @@ class FinetuneConfig:
     seed: int = 0
     steps: int = 10                     # PGD / TRADES attack steps (and the PGD of the final evaluation)
     step_size: float | None = None      # default 2.5 * eps / steps
-    eps_ramp_epochs: float | None = None  # default: half the epochs for ibp/crown-ibp, none otherwise
+    eps_ramp_epochs: float | None = None  # default: a share of the steps for certified objectives (schedule.StepPlan)
     eps_schedule: str = "linear"
     kappa_end: float = 0.5
     attack_labels: str = "predicted"
     trades_beta: float = 6.0
-    lr_schedule: str = "constant"
+    lr_schedule: str | None = None      # default: step decay for a planned certified run (planned()), else constant
+    grad_clip: float | None = None      # largest gradient norm; default 10 for a planned certified run, else none
+    shi_recipe: bool = False            # IBP initialization (re-draws the weights) and warm-up regularizers
+    ibp_weight: float = 0.5             # mtl-ibp / exp-mtl-ibp: weight of the IBP loss
+    sabr_shrink: float = 0.4            # sabr: the small box's radius as a share of eps
     norm_decay: float | None = None
     norm_decay_p: str = "inf"
     eval_limit: int | None = None
 
-    def ramp_epochs(self) -> float:
+    def ramp_epochs(self) -> float | None:
+        """The ramp in epochs; None when it is derived from the run's steps (certified objectives)."""
         if self.eps_ramp_epochs is not None:
             return self.eps_ramp_epochs
-        return max(1, self.epochs // 2) if self.train in CERTIFIED else 0.0
+        return None if self.train in CERTIFIED else 0.0
+
+    def step_plan(self, steps_per_epoch: int) -> StepPlan:
+        total = self.epochs * steps_per_epoch
+        if self.ramp_epochs() is None:
+            return StepPlan.of_run(total)
+        return StepPlan(total, 0, round(self.ramp_epochs() * steps_per_epoch))
+
+    def planned(self) -> bool:
+        """A certified run with no ramp given: eps ramp, lr decay and gradient clip all follow the
+        step plan's defaults (a ramp given in epochs keeps the plain recipe: constant lr, no clip)."""
+        return self.train in CERTIFIED and self.eps_ramp_epochs is None
+
+    def lr_schedule_used(self) -> str:
+        if self.lr_schedule is not None:
+            return self.lr_schedule
+        return "step" if self.planned() else "constant"
+
+    def grad_clip_used(self) -> float | None:
+        if self.grad_clip is not None:
+            return self.grad_clip
+        return DEFAULT_GRAD_CLIP if self.planned() else None
 
     def validate(self, input_shape: tuple[int, ...] | None = None,
                  input_range: tuple[float, float] | None = None) -> None:
@@ -87,6 +118,8 @@ class FinetuneConfig:
             bad(f"unknown --norm {self.norm!r}", "use inf or 2")
         if not (_finite(self.eps) and self.eps >= 0):
             bad(f"--eps {self.eps} is not a finite number >= 0", "give the radius in pixel units, e.g. --eps 0.1")
+        if self.train == "sabr" and self.norm != "inf":
+            bad("--train sabr is for the linf norm only", "use --norm inf, or --train ibp for l2")
         if self.train != "clean" and self.eps == 0:
             bad(f"--train {self.train} needs --eps > 0", "give the radius to train for, e.g. --eps 0.1")
         if input_shape is not None:
@@ -110,7 +143,12 @@ class FinetuneConfig:
             bad(f"unknown --eps-schedule {self.eps_schedule!r}", f"use one of: {', '.join(SCHEDULES)}")
         if self.attack_labels not in ATTACK_LABELS:
             bad(f"unknown attack labels {self.attack_labels!r}", f"use one of: {', '.join(ATTACK_LABELS)}")
-        if self.lr_schedule not in LR_SCHEDULES:
+        if self.grad_clip is not None and not (_finite(self.grad_clip) and self.grad_clip > 0):
+            bad(f"--grad-clip {self.grad_clip} is not a positive number", "give a gradient norm such as 10")
+        for what, value, low_open in (("--ibp-weight", self.ibp_weight, False), ("--sabr-shrink", self.sabr_shrink, True)):
+            if not (_finite(value) and (0.0 < value if low_open else 0.0 <= value) and value <= 1.0):
+                bad(f"{what} {value} is outside {'(0' if low_open else '[0'}, 1]", "give a share such as 0.5")
+        if self.lr_schedule is not None and self.lr_schedule not in LR_SCHEDULES:
             bad(f"unknown --lr-schedule {self.lr_schedule!r}", f"use one of: {', '.join(LR_SCHEDULES)}")
         if not (_finite(self.kappa_end) and 0.0 <= self.kappa_end <= 1.0):
             bad(f"kappa {self.kappa_end} is outside [0, 1]", "give a final clean-loss weight such as 0.5")
@@ -124,8 +162,10 @@ class FinetuneConfig:
     def resume_key(self) -> dict:
         """The settings a resumed run must share with the checkpoint (epochs may grow)."""
         key = {k: v for k, v in asdict(self).items() if k not in ("epochs", "eval_limit", "eps_ramp_epochs")}
-        # The default ramp depends on the epochs: compare the ramp actually used.
-        return {**key, "eps_ramp_epochs": self.ramp_epochs()}
+        # The default ramp depends on the epochs: compare the ramp actually used (a ramp derived
+        # from the steps changes with the epochs, so those cannot grow then).
+        derived = self.ramp_epochs() is None or self.lr_schedule_used() == "step"
+        return {**key, "eps_ramp_epochs": self.ramp_epochs(), "planned_epochs": self.epochs if derived else None}
 
 
 # --- the loop ------------------------------------------------------------------------------------
@@ -192,11 +232,14 @@ def _run(bundle, train, test, config, dev, processes, input_range, checkpoint, c
     torch.manual_seed(config.seed)
     bundle.module.to(dev)
     module = training_module(bundle).to(dev)
-    objective = make_objective(config.train, norm=config.norm, input_shape=tuple(bundle.input_shape),
+    objective = make_training_objective(config.train, norm=config.norm, input_shape=tuple(bundle.input_shape),
                                input_range=input_range, steps=config.steps, step_size=config.step_size,
                                attack_labels=config.attack_labels, trades_beta=config.trades_beta,
-                               kappa_end=config.kappa_end)
+                               kappa_end=config.kappa_end, warmup_weight=WARMUP_WEIGHT if config.shi_recipe else 0.0,
+                               ibp_weight=config.ibp_weight, sabr_shrink=config.sabr_shrink)
     terms = LayerTerms(config.norm_decay, config.norm_decay_p)
+    if config.shi_recipe and resume_meta is None:
+        ibp_initialize(bundle.module)
     optimizer = torch.optim.Adam(bundle.module.parameters(), lr=config.lr)
     start_epoch, epochs_log = 0, []
     if resume_meta is not None:
@@ -206,7 +249,7 @@ def _run(bundle, train, test, config, dev, processes, input_range, checkpoint, c
     step = TrainStep(module, objective, lambda: terms.loss(module), touch_all=processes.world > 1)
     loop = Loop("finetune", wrap_step(step, processes, dev), module, optimizer, train.x, train.y, config.epochs,
                 config.batch_size, config.seed, dev, processes, quiet=quiet,
-                after_backward=lambda: terms.after_backward(bundle.module))
+                after_backward=lambda: _after_backward(bundle.module, terms, config.grad_clip_used()))
     _finetune_hooks(loop, config, objective, bundle, train, terms, checkpoint, checkpoint_dir)
     say(f"finetune {config.train} eps {config.eps:g} (l{config.norm}) on {len(train)} samples, {config.epochs} "
         f"epochs, batch {config.batch_size}, {processes.world} process(es) on {dev}"
@@ -216,6 +259,8 @@ def _run(bundle, train, test, config, dev, processes, input_range, checkpoint, c
     processes.barrier()
 
     record = {"run": "finetune", **asdict(config), "eps_ramp_epochs": config.ramp_epochs(),
+              "lr_schedule": config.lr_schedule_used(), "grad_clip": config.grad_clip_used(),
+              "step_plan": config.step_plan(loop.steps_per_epoch).describe(),
               "objective": objective.describe(), "dataset": train.name, "train_samples": len(train),
               "world_size": processes.world, "device": str(dev), "epochs_log": epochs_log,
               "resumed_from": str(resume) if resume is not None else None,
@@ -231,7 +276,7 @@ def _finetune_hooks(loop: Loop, config: FinetuneConfig, objective: Objective, bu
                     terms: LayerTerms, checkpoint, checkpoint_dir) -> None:
     """The eps ramp, the attack starts (stream 1 of (seed, epoch)), the cosine lr, the progress line
     and the per-epoch checkpoint of a fine-tuning run."""
-    ramp_steps = round(config.ramp_epochs() * loop.steps_per_epoch)
+    plan = config.step_plan(loop.steps_per_epoch)
     sample_shape = tuple(train.x.shape[1:])
     state = {"epoch": None, "noise": None, "eps": 0.0}
     world, rank = loop.processes.world, loop.processes.rank
@@ -239,8 +284,8 @@ def _finetune_hooks(loop: Loop, config: FinetuneConfig, objective: Objective, bu
     def step_input(epoch: int, global_step: int, rows: torch.Tensor) -> Step:
         if state["epoch"] != epoch:
             state.update(epoch=epoch, noise=generator(config.seed, epoch, 1))
-        fraction = ramp_fraction(global_step, ramp_steps)
-        state["eps"] = eps = eps_at(fraction, config.eps, config.eps_schedule)
+        fraction = plan.ramp(global_step)
+        state["eps"] = eps = plan.eps(global_step, config.eps, config.eps_schedule)
         start_noise = None
         if objective.uses_start_noise and eps > 0:
             start_noise = draw_start(state["noise"], (len(rows), *sample_shape), config.norm, eps)
@@ -262,8 +307,17 @@ def _finetune_hooks(loop: Loop, config: FinetuneConfig, objective: Objective, bu
 
     loop.step_input, loop.status, loop.save = step_input, status, save
     loop.log_entry = lambda epoch: {"eps": state["eps"]}
-    if config.lr_schedule == "cosine":
+    schedule = config.lr_schedule_used()
+    if schedule == "cosine":
         loop.lr_at = lambda step, total: cosine_lr(config.lr, step, total)
+    elif schedule == "step":
+        loop.lr_at = lambda step, total: step_decay_lr(config.lr, step, total)
+
+
+def _after_backward(module: nn.Module, terms: LayerTerms, grad_clip: float | None) -> None:
+    terms.after_backward(module)
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(module.parameters(), grad_clip)
 
 
 def _converge_spectral_norms(module: nn.Module) -> None:
@@ -286,7 +340,8 @@ def _converge_spectral_norms(module: nn.Module) -> None:
 
 
 def _robust_name(config: FinetuneConfig) -> str:
-    return {"ibp": "verified", "crown-ibp": "verified", "clean": "-"}.get(config.train, "adv")
+    return {"ibp": "verified", "crown-ibp": "verified", "mtl-ibp": "verified", "exp-mtl-ibp": "verified",
+            "clean": "-"}.get(config.train, "adv")
 
 
 def evaluate(module: nn.Module, test: Dataset, config: FinetuneConfig, input_range, input_shape, *,

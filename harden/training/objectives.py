@@ -12,6 +12,8 @@ that a run sharded over several processes computes exactly the gradient of a one
 - `IBPLoss`   kappa * clean CE + (1 - kappa) * CE on the negated IBP lower bounds of the margins
 - `CROWNIBP`  the same on beta * CROWN-IBP + (1 - beta) * IBP bounds (Zhang et al. 2020)
 
+MTL-IBP and SABR build on IBPLoss in harden.training.expressive.
+
 Attacks come from `certify.attacks.gradient` and run with the model in eval mode with spectral-norm power
 iterations frozen (`model_mode`), so they never move the weights they attack. By default they
 label with the model's own prediction (avoids label leaking, as in Farnia et al.); the training
@@ -37,9 +39,10 @@ from certify.attacks.gradient import FGM, FGSM, PGD, model_mode
 from certify.common.errors import UserError
 from harden.layers.norm_decay import NormDecay
 from harden.training.bound_graph import BoundGraph, bound_loss
+from harden.training.recipe import warmup_regularizer
 
-OBJECTIVES = ("clean", "fgm", "pgd", "trades", "ibp", "crown-ibp")
-CERTIFIED = ("ibp", "crown-ibp")
+OBJECTIVES = ("clean", "fgm", "pgd", "trades", "ibp", "crown-ibp", "mtl-ibp", "exp-mtl-ibp", "sabr")
+CERTIFIED = ("ibp", "crown-ibp", "mtl-ibp", "exp-mtl-ibp", "sabr")
 SCHEDULES = ("linear", "smooth")
 ATTACK_LABELS = ("predicted", "true")
 
@@ -234,16 +237,19 @@ class TRADES(Objective):
 
 class IBPLoss(Objective):
     """Certified training on IBP bounds (Gowal et al. 2018), kappa * clean + (1 - kappa) * robust,
-    kappa going from 1 to `kappa_end` along the eps ramp."""
+    kappa going from 1 to `kappa_end` along the eps ramp. `warmup_weight` > 0 adds Shi et al.'s
+    warm-up regularizers (harden.training.recipe) while the ramp lasts, fading out with it."""
 
     name = "ibp"
 
-    def __init__(self, *, input_shape: tuple[int, ...], kappa_end: float = 0.5, **common):
+    def __init__(self, *, input_shape: tuple[int, ...], kappa_end: float = 0.5, warmup_weight: float = 0.0,
+                 **common):
         super().__init__(**common)
         if not 0.0 <= kappa_end <= 1.0:
             raise UserError(f"kappa {kappa_end} is outside [0, 1]", "give a final clean-loss weight such as 0.5")
         self.input_shape = tuple(input_shape)
         self.kappa_end = kappa_end
+        self.warmup_weight = warmup_weight
         self._graph: BoundGraph | None = None
 
     def graph(self, model: nn.Module, device: torch.device) -> BoundGraph:
@@ -255,9 +261,20 @@ class IBPLoss(Objective):
         lower, _ = graph.lower_margins(x, y, step.eps, self.norm, self.lower, self.upper, "IBP")
         return lower
 
+    def combine(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: Step, clean: torch.Tensor,
+                robust: torch.Tensor, lower: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample loss, per-sample robust flag) from the clean and the bound losses."""
+        kappa = 1.0 - (1.0 - self.kappa_end) * step.ramp
+        return kappa * clean + (1.0 - kappa) * robust, (lower > 0).all(dim=1).detach()
+
+    def regularizer(self, graph: BoundGraph, step: Step) -> torch.Tensor | None:
+        if self.warmup_weight <= 0 or step.ramp >= 1.0:
+            return None
+        input_box, relu_inputs = graph.input_and_relu_bounds()
+        return self.warmup_weight * (1.0 - step.ramp) * warmup_regularizer(input_box, relu_inputs)
+
     def __call__(self, model, x, y, step):
         graph = self.graph(model, x.device)
-        kappa = 1.0 - (1.0 - self.kappa_end) * step.ramp
         # One evaluation of every parametrized weight per step: one power iteration, shared by the
         # clean forward pass and the weights copied into the bound graph.
         with parametrize.cached():
@@ -268,14 +285,19 @@ class IBPLoss(Objective):
             effective = graph.refresh()
             lower = self.bounds(graph, x, y, step)
             robust = bound_loss(lower)
+            regularizer = self.regularizer(graph, step)
             if effective is not None:
                 # Value from the mirror, gradient routed to the real parameters.
-                robust = robust.detach() + graph.link(effective, robust.sum()) / robust.shape[0]
-        losses = kappa * clean + (1.0 - kappa) * robust
-        return StepResult(losses, logits.argmax(1) == y, (lower > 0).all(dim=1).detach())
+                robust = robust.detach() + graph.link(effective, robust.sum(), keep=regularizer is not None) / robust.shape[0]
+                if regularizer is not None:
+                    regularizer = regularizer.detach() + graph.link(effective, regularizer)
+            losses, robust_correct = self.combine(model, x, y, step, clean, robust, lower)
+        if regularizer is not None:
+            losses = losses + regularizer
+        return StepResult(losses, logits.argmax(1) == y, robust_correct)
 
     def describe(self) -> dict:
-        return {**super().describe(), "kappa_end": self.kappa_end}
+        return {**super().describe(), "kappa_end": self.kappa_end, "warmup_weight": self.warmup_weight}
 
 
 class CROWNIBP(IBPLoss):
@@ -324,7 +346,9 @@ class LayerTerms:
 
 def make_objective(name: str, *, norm: str = "inf", input_shape: tuple[int, ...], input_range=(0.0, 1.0),
                    steps: int = 10, step_size: float | None = None, attack_labels: str = "predicted",
-                   trades_beta: float = 6.0, kappa_end: float = 0.5, random_start: bool = True) -> Objective:
+                   trades_beta: float = 6.0, kappa_end: float = 0.5, random_start: bool = True,
+                   warmup_weight: float = 0.0) -> Objective:
+    """The objectives of this module; harden.training.expressive.make_training_objective adds its own."""
     common = {"norm": norm, "input_range": tuple(input_range)}
     if name not in OBJECTIVES:
         raise UserError(f"unknown --train {name!r}", f"use one of: {', '.join(OBJECTIVES)}")
@@ -342,5 +366,7 @@ def make_objective(name: str, *, norm: str = "inf", input_shape: tuple[int, ...]
                        **common)
     if name == "trades":
         return TRADES(beta=trades_beta, steps=steps, step_size=step_size, **common)
-    cls = IBPLoss if name == "ibp" else CROWNIBP
-    return cls(input_shape=input_shape, kappa_end=kappa_end, **common)
+    if name not in ("ibp", "crown-ibp"):
+        raise ValueError(f"{name} is built by harden.training.expressive.make_training_objective")
+    return (IBPLoss if name == "ibp" else CROWNIBP)(input_shape=input_shape, kappa_end=kappa_end,
+                                                   warmup_weight=warmup_weight, **common)
