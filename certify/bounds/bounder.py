@@ -15,8 +15,10 @@ import torch
 from torch import nn
 
 from certify.bounds.compat import lirpa
+from certify.bounds.lipschitz import LipschitzChain, analyse, lipschitz_lower_bounds
 
-METHODS = ("ibp", "crown", "alpha-crown")
+# "lipschitz" (certify.bounds.lipschitz) needs no auto_LiRPA: margins minus Lipschitz constant x eps.
+METHODS = ("lipschitz", "ibp", "crown", "alpha-crown")
 # Our names -> auto_LiRPA 0.3's method strings: the one method table. "crown-ibp" (CROWN with IBP
 # intermediate bounds) is a training objective's bound, not a certification stage.
 LIRPA_METHODS = {"ibp": "IBP", "crown": "backward", "alpha-crown": "CROWN-Optimized", "crown-ibp": "CROWN-IBP"}
@@ -106,20 +108,31 @@ def bound_lower(bounded, x, c: torch.Tensor, method: str, *, differentiable: boo
 
 
 class MarginBounder:
-    """Bounds the margins of one model over l-infinity boxes or l2 balls, by IBP, CROWN or alpha-CROWN."""
+    """Bounds the margins of one model over l-infinity boxes or l2 balls, by a Lipschitz margin, IBP,
+    CROWN or alpha-CROWN."""
 
     def __init__(self, module: nn.Module, input_shape: tuple[int, ...], *, device: str | torch.device = "cpu",
-                 alpha_iterations: int = 20):
-        auto_lirpa = lirpa()
+                 alpha_iterations: int = 20, with_lirpa: bool = True):
+        """`with_lirpa=False` skips auto_LiRPA's graph: only "lipschitz" bounds then, also for layers
+        auto_LiRPA cannot bound (an ELU, say)."""
         self.device = torch.device(device)
         self.module = module.eval().to(self.device)
         self.input_shape = tuple(input_shape)
         example = torch.zeros(1, *self.input_shape, device=self.device)
         with torch.no_grad():
             self.num_classes = int(self.module(example).shape[1])
-        self.bounded = auto_lirpa.BoundedModule(
+        self.bounded = None if not with_lirpa else lirpa().BoundedModule(
             self.module, example, device=self.device,
             bound_opts={"verbosity": 0, "optimize_bound_args": {"iteration": alpha_iterations}})
+        self._lipschitz: LipschitzChain | None = None
+
+    @property
+    def lipschitz(self) -> LipschitzChain:
+        """The model's Lipschitz chain (or why it has none), read on first use: the operator norms
+        cost a second or two, which a cascade without the "lipschitz" stage never pays."""
+        if self._lipschitz is None:
+            self._lipschitz = analyse(self.module, self.input_shape)
+        return self._lipschitz
 
     def lower_bounds(self, x_lower: torch.Tensor, x_upper: torch.Tensor, c: torch.Tensor,
                      method: str, *, l2_ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -132,6 +145,12 @@ class MarginBounder:
         if method not in METHODS:
             raise ValueError(f"unknown bound method {method!r}; use one of {METHODS}")
         c = c.to(self.device)
+        if method == "lipschitz":
+            ball = None if l2_ball is None else (l2_ball[0].to(self.device, torch.float32), l2_ball[1])
+            return lipschitz_lower_bounds(self.lipschitz, self.module, x_lower.to(self.device),
+                                          x_upper.to(self.device), c, l2_ball=ball)
+        if self.bounded is None:
+            raise ValueError(f"this bounder was made without auto_LiRPA: {method!r} needs it")
         if l2_ball is None:
             x = box_input(x_lower.to(self.device, torch.float32), x_upper.to(self.device, torch.float32))
             return bound_lower(self.bounded, x, c, method)

@@ -21,8 +21,9 @@ product ignores how the layers line up. They do not hold for a graph that joins 
 values (a residual or concat): that is found in the torch.fx graph (an ONNX import's, or the one
 traced from a model's own forward, such as an architecture factory's) and reported instead of a
 number; a forward that cannot be traced gets no number either (harden.inspect.graph). The l2 product uses the power-iteration values, which approach each norm
-from below to within `tol`; the Hoelder product sqrt(l1 * linf) per weight layer is given too, a
-bound with no iteration in it.
+from below to within `tol` (an estimate); the Hoelder product sqrt(l1 * linf) per weight layer is
+given too, a bound with no iteration in it. Beside them, the sound bounds of harden.inspect.sound
+(certify's Lipschitz certificate: exact SVD or Gram iteration per layer, labelled), or "not a bound".
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from certify.common.errors import UserError
 from harden.inspect.graph import _graph_structure, _in_graph_order
 from harden.inspect.layer_gains import _other_layer_gain, _trace, _weight_layer
+from harden.inspect.sound import sound_bounds, sound_lines
 
 SCHEMA = "harden.inspect/1"
 MAX_ITERS = 2000
@@ -81,8 +83,9 @@ def inspect_model(module: nn.Module, input_shape: tuple[int, ...], *, max_iters:
         why_not = why_not or f"layer(s) {', '.join(unbounded)} have no Lipschitz bound here"
     if graph_gains:
         rows = _in_graph_order(graph, rows, graph_gains)
-    return {"schema": SCHEMA, "input_shape": list(input_shape), "layers": rows,
-            "lipschitz": _bounds(rows, why_not, assumptions, tol)}
+    bounds = _bounds(rows, why_not, assumptions, tol)
+    bounds.update(sound_bounds(module, tuple(input_shape), why_not))
+    return {"schema": SCHEMA, "input_shape": list(input_shape), "layers": rows, "lipschitz": bounds}
 
 
 def inspect_bundle(bundle, *, path: str | Path | None = None, max_iters: int = MAX_ITERS,
@@ -171,10 +174,12 @@ def inspection_table(document: dict):
     if bounds["why_not"]:
         lines.append(f"no Lipschitz bound: {bounds['why_not']}")
     else:
-        lines.append(f"l2 Lipschitz constant   <= {bounds['l2_upper_bound']:.6g}  (upper bound: product of the layers' l2 gains)")
+        lines.append(f"l2 Lipschitz constant   ~= {bounds['l2_upper_bound']:.6g}  (estimate: product of the layers' l2 gains, "
+                     "power-iteration sigmas approach each norm from below)")
         if bounds["l2_upper_bound_hoelder"] is not None:
             lines.append(f"                        <= {bounds['l2_upper_bound_hoelder']:.6g}  (upper bound: product of sqrt(l1*linf), no power iteration)")
         if bounds["linf_upper_bound"] is not None:
             lines.append(f"linf Lipschitz constant <= {bounds['linf_upper_bound']:.6g}  (upper bound: product of the layers' linf gains)")
+    lines += sound_lines(bounds)
     lines += [f"assumed: {a}" for a in bounds["assumptions"]]
     return table, lines

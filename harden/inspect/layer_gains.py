@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from certify.bounds.lipschitz_ops import pool_overlap
 from certify.common.errors import UserError
 from harden.layers.norms import (ConvOperator, conv_operator_matrix, effective_weight, l1_norm, linf_norm,
                           operator_spectral_norm, sparsity)
@@ -174,7 +175,7 @@ def _other_layer_gain(call: _Call, assumptions: list[str], unbounded: list[str])
         gain = float(scale.abs().max())
         return gain, gain, "largest |gamma|/sqrt(var+eps)"
     if isinstance(layer, (nn.MaxPool2d, nn.AvgPool2d)):
-        overlap = _pool_overlap(layer, call.input_shape)
+        overlap = pool_overlap(layer, call.input_shape)
         # Each output changes by at most the largest change in its window; a pixel is in `overlap` windows.
         return math.sqrt(overlap), 1.0, f"pooling, a pixel in at most {overlap} windows"
     if isinstance(layer, nn.AdaptiveAvgPool2d):
@@ -189,24 +190,6 @@ def _other_layer_gain(call: _Call, assumptions: list[str], unbounded: list[str])
 
 def _pair(value) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)  # type: ignore[return-value]
-
-
-def _pool_overlap(layer: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """The most windows any one input pixel belongs to (per axis, multiplied)."""
-    kernel, stride, padding = _pair(layer.kernel_size), _pair(layer.stride or layer.kernel_size), _pair(layer.padding)
-    dilation = _pair(getattr(layer, "dilation", 1))
-    total = 1
-    for n, k, s, p, d in zip(input_shape[-2:], kernel, stride, padding, dilation):
-        span = d * (k - 1) + 1
-        n_out = (n + 2 * p - span + (s - 1 if layer.ceil_mode else 0)) // s + 1
-        counts = [0] * n
-        for o in range(n_out):
-            for i in range(k):
-                y = o * s - p + i * d
-                if 0 <= y < n:
-                    counts[y] += 1
-        total *= max(counts)
-    return total
 
 
 def _adaptive_overlap(layer: nn.AdaptiveAvgPool2d, input_shape: tuple[int, ...]) -> int:
