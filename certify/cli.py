@@ -21,25 +21,33 @@ from certify.common.progress import console, results_console
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Certify the robustness of a classifier: per sample verified, falsified or unknown.")
 Version = version_option("certify")
+# Seconds of --radius bisection per sample unless --radius-budget says otherwise: a run over N samples
+# then ends in about N times this at worst, and a budget only makes a radius less tight, never unsound.
+DEFAULT_RADIUS_BUDGET = 30.0
 
 
 @app.command(cls=OneLineUsageErrors)
 def main_command(
     model: Optional[Path] = typer.Argument(None, help="ONNX model to certify (from `harden export`, or third-party with --data); may be left out with --vnnlib instances.csv."),
     eps: list[float] = typer.Option([], "--eps", help="Radius in pixel units (l-infinity, or l2 with --norm 2); repeat for several."),
-    data: Optional[str] = typer.Option(None, "--data", help="mnist, fashion-mnist, file.npz or a folder of class folders; default: from the model's metadata."),
+    data: Optional[str] = typer.Option(None, "--data", help="mnist, fashion-mnist, cifar10 (your copy, see the README), file.npz or a folder of class folders; default: from the model's metadata."),
     split: Optional[str] = typer.Option(None, "--split", help="train or test (default test)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Certify only the first N samples."),
-    method: Optional[str] = typer.Option(None, "--method", help="Force one bound method: ibp, crown or alpha-crown (or a comma-separated cascade; default: ibp,crown,alpha-crown)."),
+    method: Optional[str] = typer.Option(None, "--method", help="Force one bound method: lipschitz, ibp, crown, alpha-crown or bab (branch and bound), or a comma-separated cascade (default: lipschitz,ibp,crown,alpha-crown, then bab with --timeout)."),
     no_attack: bool = typer.Option(False, "--no-attack", help="Skip the PGD attack (samples that would be falsified become unknown)."),
     attack_steps: int = typer.Option(50, "--attack-steps", help="PGD steps per restart."),
     attack_restarts: Optional[int] = typer.Option(None, "--attack-restarts", help="PGD restarts (default 3; 5 with --vnnlib)."),
     radius: bool = typer.Option(False, "--radius", help="Also find each sample's largest certified eps, by bisection."),
     radius_tol: Optional[float] = typer.Option(None, "--radius-tol", help="Bisection tolerance of --radius (pixel units; default 1e-3)."),
     radius_max: Optional[float] = typer.Option(None, "--radius-max", help="Largest eps --radius searches (default: the width of the input range; with --norm 2 its l2 diameter)."),
+    radius_budget: Optional[float] = typer.Option(None, "--radius-budget", help="Seconds of --radius bisection per sample (default 30); a sample out of time keeps the largest eps verified so far."),
     norm: Optional[str] = typer.Option(None, "--norm", help="inf (l-infinity boxes, the default) or 2 (l2 balls of radius eps in pixel units)."),
     vnnlib: list[str] = typer.Option([], "--vnnlib", help="Check VNN-LIB properties instead: a .vnnlib file, a folder of them or a VNN-COMP instances.csv; repeat for several."),
     cex_dir: Optional[Path] = typer.Option(None, "--cex-dir", help="Folder for the counterexamples of sat properties (default: next to --json)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds of branch and bound per sample (per property with --vnnlib, capped by the instances.csv timeout column); adds bab to the default cascade."),
+    max_domains: int = typer.Option(200_000, "--max-domains", help="Domains branch and bound may bound per sample or property."),
+    branching: str = typer.Option("babsr", "--branching", help="Branch and bound's ReLU choice: babsr or fsb (filtered smart branching)."),
+    results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="With --vnnlib: write one VNN-COMP result file per property here (unsat / sat + assignment / timeout / unknown)."),
     mean: Mean = None,
     std: Std = None,
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples (or properties) bounded together (default 50; 16 with --vnnlib)."),
@@ -57,12 +65,16 @@ def main_command(
 
     Every option and every output path is checked before any work: a bad one is one line
     (`error: what -- what to do`), exit code 2, and nothing is written.
+
+    `certify check REPORT.json` re-checks a report against a model file (see `certify check --help`).
     """
     options = Run(model=model, eps=list(eps), data=data, split=split, limit=limit, method=method,
                   attack=not no_attack, attack_steps=attack_steps, attack_restarts=attack_restarts, radius=radius,
-                  radius_tol=radius_tol, radius_max=radius_max, vnnlib=list(vnnlib), cex_dir=cex_dir, mean=mean,
-                  std=std, batch_size=batch_size, device=device, seed=seed, json_out=json_out, plot=plot,
-                  fail_under=fail_under, quiet=quiet, norm=norm)
+                  radius_tol=radius_tol, radius_max=radius_max, radius_budget=radius_budget, vnnlib=list(vnnlib),
+                  cex_dir=cex_dir, mean=mean, std=std, batch_size=batch_size, device=device, seed=seed,
+                  json_out=json_out, plot=plot,
+                  fail_under=fail_under, quiet=quiet, norm=norm, timeout=timeout, max_domains=max_domains,
+                  branching=branching, results_dir=results_dir)
     failed: list[str] = []
     run_cli(lambda: failed.extend(_run(options)), debug)
     if failed:
@@ -98,6 +110,14 @@ class Run:
     fail_under: Optional[float]
     quiet: bool
     norm: Optional[str] = None
+    radius_budget: Optional[float] = None
+    timeout: Optional[float] = None
+    max_domains: int = 200_000
+    branching: str = "babsr"
+    results_dir: Optional[Path] = None
+
+    def bab_options(self) -> dict:
+        return dict(timeout=self.timeout, max_domains=self.max_domains, branching=self.branching)
 
     @property
     def to_stdout(self) -> bool:
@@ -118,8 +138,10 @@ class Run:
 def _run(options: Run) -> list[str]:
     """Parse, run the mode the options ask for; the --fail-under reason, if the gate failed."""
     from certify.reports.report import check_fail_under, validate_fail_under
+    from certify.bounds.compat import require_auto_lirpa
 
-    methods = parse_methods(options.method)
+    require_auto_lirpa()  # a pip-installed harden lacks it until `harden setup`: say so before anything else
+    methods = parse_methods(options.method, bab=options.timeout is not None)
     validate_fail_under(options.fail_under, bool(options.eps), bool(options.vnnlib))
     means, stds = parse_floats(options.mean, "--mean"), parse_floats(options.std, "--std")
     if options.vnnlib:
@@ -138,8 +160,11 @@ def _certify_dataset(o: Run, methods, means, stds):
 
     if o.cex_dir is not None:
         raise UserError("--cex-dir applies to --vnnlib runs only", "leave it out, or give --vnnlib")
-    if not o.radius and (o.radius_tol is not None or o.radius_max is not None):
-        given = "--radius-tol" if o.radius_tol is not None else "--radius-max"
+    if o.results_dir is not None:
+        raise UserError("--results-dir applies to --vnnlib runs only", "leave it out, or give --vnnlib")
+    if not o.radius and (o.radius_tol is not None or o.radius_max is not None or o.radius_budget is not None):
+        given = "--radius-tol" if o.radius_tol is not None else "--radius-max" if o.radius_max is not None \
+            else "--radius-budget"
         raise UserError(f"{given} applies only with --radius", "add --radius, or leave it out")
     options = dict(limit=o.limit, methods=methods, attack=o.attack,
                    batch_size=50 if o.batch_size is None else o.batch_size, device=o.device, mean=means, std=stds,
@@ -150,7 +175,9 @@ def _certify_dataset(o: Run, methods, means, stds):
     check_run_options(o.eps, **{k: v for k, v in options.items() if k != "attack"})
     data_path = Path(o.data) if o.data is not None and _is_path(o.data) else None
     _check_outputs(o, [o.model, data_path], cex=False)
-    run = certify_model(o.model, o.eps, data=o.data, quiet=o.quiet, **options)
+    budget = DEFAULT_RADIUS_BUDGET if o.radius_budget is None else o.radius_budget
+    run = certify_model(o.model, o.eps, data=o.data, quiet=o.quiet, radius_budget=budget, **options,
+                        **o.bab_options())
     if run is None:  # a rank other than 0 under torchrun: rank 0 reports
         return None
     document = report_document(run)
@@ -182,6 +209,7 @@ def _refuse_dataset_options(o: Run) -> None:
     not_applying = [name for name, given in (("--eps", bool(o.eps)), ("--radius", o.radius),
                                              ("--radius-tol", o.radius_tol is not None),
                                              ("--radius-max", o.radius_max is not None), ("--plot", o.plot is not None),
+                                             ("--radius-budget", o.radius_budget is not None),
                                              ("--data", o.data is not None), ("--split", o.split is not None),
                                              ("--limit", o.limit is not None), ("--norm", o.norm is not None)) if given]
     if not_applying:
@@ -204,17 +232,23 @@ def _check_vnnlib(o: Run, methods, means, stds):
     def check_outputs(pairs):
         inputs = [o.model, *(Path(t) for t in o.vnnlib), *(f for pair in pairs for f in pair)]
         _check_outputs(o, inputs, cex=True)
+        if o.results_dir is not None and o.results_dir.exists() and not o.results_dir.is_dir():
+            raise UserError(f"--results-dir {o.results_dir} is a file", "give a folder (it is created if missing)")
         if folder is not None:
             _check_counterexample_names(folder, pairs, inputs)
 
     run = check_properties(o.model, o.vnnlib, methods=methods, attack=o.attack, attack_steps=o.attack_steps,
                            attack_restarts=restarts, seed=o.seed, batch_size=batch_size, device=o.device,
-                           mean=means, std=stds, quiet=o.quiet, check_outputs=check_outputs)
+                           mean=means, std=stds, quiet=o.quiet, check_outputs=check_outputs, **o.bab_options())
     if run is None:  # a rank other than 0 under torchrun: rank 0 reports
         return None
     sat = sum(p.result == "sat" for p in run.properties)
     if sat and folder is not None:
         _write_counterexamples(run, folder)
+    if o.results_dir is not None:
+        from certify.verdicts.vnnlib_bab import write_results
+
+        write_results(run, o.results_dir)
     document = vnnlib_document(run)
     _write_outputs(o, document, None)
     if not _dump_to_stdout(o, document):
@@ -336,19 +370,26 @@ def _check_counterexample_names(folder: Path, pairs, inputs) -> None:
                             "choose another --cex-dir")
 
 
-def parse_methods(text: Optional[str]) -> tuple[str, ...]:
+def parse_methods(text: Optional[str], *, bab: bool = False) -> tuple[str, ...]:
+    """The --method list; by default the bound cascade, ending with branch and bound when `bab`."""
     from certify.bounds.bounder import METHODS
+    from certify.verdicts.cascade import CASCADE_METHODS
 
     if text is None:
-        return METHODS
+        return METHODS + ("bab",) if bab else METHODS
     methods = tuple(part.strip() for part in text.split(",") if part.strip())
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in CASCADE_METHODS]
     if unknown or not methods:
-        raise UserError(f"unknown --method {text!r}", f"use one of {', '.join(METHODS)} (or a comma-separated list)")
+        raise UserError(f"unknown --method {text!r}", f"use one of {', '.join(CASCADE_METHODS)} (or a comma-separated list)")
     return methods
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["check"]:  # `certify check REPORT.json`: a second command beside `certify MODEL`
+        from certify.check_cli import check_app
+
+        check_app(sys.argv[2:], prog_name="certify check")
+        return
     app()
 
 

@@ -11,41 +11,17 @@ every certify run checks for the engine first and names the exact command when i
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import shlex
 import subprocess
 import sys
 from typing import Callable
 
+# The install check lives with the compatibility layer, which every import of the engine goes through.
+from certify.bounds.compat import AUTO_LIRPA, auto_lirpa_installed, install_command, shown
 from certify.common.errors import UserError
 
-AUTO_LIRPA = "auto-LiRPA==0.3"
 # What the Makefile and CI install and test on every run; the compatibility layer was also checked
 # by hand on the newest torch that pip offers these machines.
 TESTED_TORCH = ("2.13.0", "2.14.1")
-
-
-def install_command(python: str | None = None) -> list[str]:
-    """pip, run by the interpreter that runs harden, installing auto-LiRPA without its stale pins."""
-    return [python or sys.executable, "-m", "pip", "install", "--no-deps", AUTO_LIRPA]
-
-
-def shown(command: list[str]) -> str:
-    return shlex.join(command)
-
-
-def auto_lirpa_installed() -> bool:
-    importlib.invalidate_caches()  # a `harden setup` in this process may have just installed it
-    return importlib.util.find_spec("auto_LiRPA") is not None
-
-
-def require_auto_lirpa() -> None:
-    """A one-line UserError with the exact command to run when the bound engine is missing."""
-    if not auto_lirpa_installed():
-        raise UserError("auto_LiRPA, the bound engine, is not installed (pip cannot install it with harden: "
-                        "its only release pins torch<1.13)",
-                        f"run: {shown(install_command())}   (that is what `harden setup` does)")
 
 
 def setup(*, run: Callable = subprocess.run, log: Callable[[str], None] = print) -> dict:

@@ -9,13 +9,14 @@ from typing import Optional
 
 import typer
 
-from certify.common.cli import OneLineErrorsGroup, parse_floats
+from certify.common.cli import OneLineErrorsGroup
 from certify.common.cli_options import Device, Mean, Quiet, Seed, Std
 from certify.common.errors import UserError
 from certify.common.files import check_output_path
 from certify.common.progress import say
 from harden.cli_checks import (BUNDLE, check_checkpoints, check_data_name, data_inputs, parse_shape,
                                refuse_existing_default, training_data, training_splits)
+from harden.io.normalization import parse_normalization, take_normalization
 from harden.cli_options import (Arch, BatchSize, CheckpointDir, Data, EvalLimit, Epochs, Limit, Lr, MaybeOutput, Model,
                                 Output, Resume, Steps, Version, one_line_errors, reads_model)
 
@@ -41,9 +42,12 @@ def train(
     batch_size: BatchSize = 128,
     seed: Seed = 0,
     device: Device = "auto",
+    mean: Mean = None,
+    std: Std = None,
     quiet: Quiet = False,
 ) -> None:
-    """Train a classifier from scratch (clean training): the starting point of the pipeline."""
+    """Train a classifier from scratch (clean training): the starting point of the pipeline. With
+    --mean/--std it trains on normalized inputs and records the normalization for every later step."""
     from harden.io.architecture import build_plain_module, resolve_arch
     from harden.io.bundle import Bundle
     from harden.io.bundle_file import save_bundle
@@ -52,6 +56,7 @@ def train(
 
     # Everything that can be wrong with the options, before the data is read (or downloaded).
     check_common_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    normalization = parse_normalization(mean, std)
     record = resolve_arch(arch)
     if record["kind"] != "zoo":
         raise UserError("harden train builds the built-in architectures only",
@@ -66,6 +71,7 @@ def train(
                     len(train_set.classes), record,
                     data={"dataset": data, "classes": train_set.classes, "input_range": [0.0, 1.0]},
                     source={"path": None, "format": "trained", "sha256": None})
+    take_normalization(bundle, *normalization)
     result = train_clean(bundle, train_set, test_set, epochs=epochs, lr=lr, batch_size=batch_size,
                          seed=seed, device=device, quiet=quiet)
     save_bundle(bundle, output)
@@ -84,6 +90,8 @@ def convert(
     no_spectral_norm: bool = typer.Option(False, "--no-spectral-norm", help="Leave the layers as they are (e.g. to add only --noise wca)."),
     noise: Optional[str] = typer.Option(None, "--noise", help="wca: add the weight-covariance-alignment noise layer before the final Linear."),
     noise_dim: int = typer.Option(32, "--noise-dim", help="Dimension D of the WCA noise (a Linear to D is added when the penultimate width differs)."),
+    mean: Mean = None,
+    std: Std = None,
 ) -> None:
     """Rewrite every Conv2d/Linear into a spectrally normalized one (true operator norm, clipped at beta);
     optionally add the WCA noise layer before the final Linear. Default -o: MODEL's name with .hard.safetensors."""
@@ -93,12 +101,14 @@ def convert(
     beta = None if no_spectral_norm else spectral_norm
     kinds = tuple(part.strip() for part in layers.split(",") if part.strip())
     check_options(spectral_norm=beta, sn_iters=sn_iters, layers=kinds, noise=noise, noise_dim=noise_dim)
+    normalization = parse_normalization(mean, std)  # recorded in the bundle: every later step applies it
     parse_shape(model.input_shape)  # a bad --input-shape is reported before the outputs
     out = output or default_output(model.path)
     check_output_path(out, [model.path], suffixes=BUNDLE)
     if output is None:
         refuse_existing_default(out)
     bundle = model.load()
+    take_normalization(bundle, *normalization)
     records = convert_bundle(bundle, spectral_norm=beta, sn_iters=sn_iters, layers=kinds,
                              noise=noise, noise_dim=noise_dim)
     _report_conversion(bundle, records, spectral_norm)
@@ -133,19 +143,16 @@ def export(
 ) -> None:
     """Export to ONNX (dynamic batch, certification metadata: --data, --mean, --std are recorded for
     certify) and check parity with onnxruntime."""
-    from harden.io.export import check_normalization, export_onnx
+    from harden.io.export import export_onnx
 
-    means, stds = parse_floats(mean, "--mean"), parse_floats(std, "--std")
-    check_normalization(means, stds)  # the channel count once the model is read
+    normalization = parse_normalization(mean, std)  # the channel count once the model is read
     check_data_name(data)
     parse_shape(model.input_shape)  # a bad --input-shape is reported before the outputs
     check_output_path(output, [model.path], suffixes=(".onnx",))
     bundle = model.load()
-    check_normalization(means if means is not None else bundle.data.get("mean"),
-                        stds if stds is not None else bundle.data.get("std"), tuple(bundle.input_shape))
-    for key, value in (("dataset", data), ("mean", means), ("std", stds)):
-        if value is not None:
-            bundle.data[key] = value
+    take_normalization(bundle, *normalization)
+    if data is not None:
+        bundle.data["dataset"] = data
     parity = export_onnx(bundle, output, deterministic=deterministic)
     if "max_abs_diff" in parity:
         say(f"onnxruntime parity on {parity['samples']} inputs: max |diff| {parity['max_abs_diff']:.2e}")
@@ -194,15 +201,19 @@ def finetune(
     model: Model,
     output: Output,
     data: Data = None,
-    train: str = typer.Option("pgd", "--train", help="Objective: clean, fgm, pgd, trades, ibp or crown-ibp."),
+    train: str = typer.Option("pgd", "--train", help="Objective: clean, fgm, pgd, trades, or certified: ibp, crown-ibp, mtl-ibp, exp-mtl-ibp, sabr."),
     eps: Optional[float] = typer.Option(None, "--eps", help="Radius to train for, in pixel units (needed except for clean)."),
     norm: str = typer.Option("inf", "--norm", help="Norm of the eps ball: inf or 2."),
     epochs: Epochs = 1,
     lr: Lr = 1e-3,
-    lr_schedule: str = typer.Option("constant", "--lr-schedule", help="constant or cosine (decays to 0 at the last step)."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant, cosine (decays to 0 at the last step) or step (x0.2 at 70% and 85% of the steps; the default for certified objectives without --eps-ramp-epochs, constant otherwise)."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Largest gradient norm (default 10 for certified objectives without --eps-ramp-epochs, no clipping otherwise)."),
+    shi_recipe: bool = typer.Option(False, "--shi-recipe", help="Shi et al.'s fast certified training: IBP initialization (RE-DRAWS the weights: for training from scratch) and warm-up regularizers; use a BatchNorm architecture."),
+    ibp_weight: float = typer.Option(0.5, "--ibp-weight", help="mtl-ibp / exp-mtl-ibp: weight of the IBP loss against the adversarial loss, in [0, 1]."),
+    sabr_shrink: float = typer.Option(0.4, "--sabr-shrink", help="sabr: radius of the small box as a share of eps, in (0, 1]."),
     batch_size: BatchSize = 128,
     steps: Steps = 10,
-    eps_ramp_epochs: Optional[float] = typer.Option(None, "--eps-ramp-epochs", help="Epochs over which eps grows from 0, at most --epochs (default: half the epochs for ibp/crown-ibp, 0 otherwise)."),
+    eps_ramp_epochs: Optional[float] = typer.Option(None, "--eps-ramp-epochs", help="Epochs over which eps grows from 0, at most --epochs (default for certified objectives: 5% of the steps clean, then a ramp over 45% of the steps, at least 2000 steps where the run allows; 0 otherwise)."),
     eps_schedule: str = typer.Option("linear", "--eps-schedule", help="Shape of the eps ramp: linear or smooth."),
     true_labels: bool = typer.Option(False, "--true-labels", help="Attack the true labels instead of the model's predictions."),
     norm_decay: Optional[float] = typer.Option(None, "--norm-decay", help="Norm decay strength beta (Liang & Huang), e.g. 1e-3."),
@@ -214,9 +225,23 @@ def finetune(
     seed: Seed = 0,
     device: Device = "auto",
     quiet: Quiet = False,
+    mean: Mean = None,
+    std: Std = None,
 ) -> None:
-    """Adversarial (fgm, pgd, trades) or certified (ibp, crown-ibp) fine-tuning; runs unchanged under torchrun."""
+    """Adversarial (fgm, pgd, trades) or certified (ibp, crown-ibp, mtl-ibp, exp-mtl-ibp, sabr) fine-tuning; runs unchanged under torchrun.
+
+    Which to pick (MNIST-like data, linf; train at a slightly larger --eps than you certify):
+    eps <= 0.1: sabr or mtl-ibp with --steps 3 on small-cnn-bn (the most verified accuracy for a
+    short budget in benchmarks/certified_training.py), ibp for the cheapest step; add --shi-recipe
+    when training from scratch (a fine-tuned model keeps its weights without it). eps 0.3: sabr or
+    mtl-ibp on medium-cnn-bn with --shi-recipe (the papers' choice). crown-ibp gives tighter bounds
+    early at ten times the cost of a step. The default eps ramp, lr decay and gradient clip are set from the run's
+    steps; benchmarks/certified_training.py compares them all under one time budget.
+    """
     from harden.io.bundle_file import save_bundle
+    from certify.bounds.compat import require_auto_lirpa
+    from harden.training.objectives import CERTIFIED
+    from harden.training.plausibility import warn_if_implausible
     from harden.training.finetune import (FinetuneConfig, check_resume, default_checkpoint, finetune as run_finetune,
                                           main_process)
 
@@ -225,14 +250,21 @@ def finetune(
                             batch_size=batch_size, seed=seed, steps=steps, eps_ramp_epochs=eps_ramp_epochs,
                             eps_schedule=eps_schedule, attack_labels="true" if true_labels else "predicted",
                             lr_schedule=lr_schedule, norm_decay=norm_decay, norm_decay_p=norm_decay_p,
-                            eval_limit=eval_limit)
+                            eval_limit=eval_limit, grad_clip=grad_clip, shi_recipe=shi_recipe, ibp_weight=ibp_weight,
+                            sabr_shrink=sabr_shrink)
     config.validate()
+    if config.train in CERTIFIED:  # bound-based training needs the bound engine that `harden setup` installs
+        require_auto_lirpa()
+    normalization = parse_normalization(mean, std)
     check_training_run(model, data, limit, output, resume, checkpoint_dir, epochs, device)
     bundle = model.load()
+    take_normalization(bundle, *normalization)
     config.validate(tuple(bundle.input_shape), tuple(bundle.data.get("input_range", (0.0, 1.0))))
     if resume is not None:
         check_resume(resume, config, bundle.module)
     train_set, test_set = training_data(bundle, data, limit, say if main_process() and not quiet else None)
+    if resume is None:  # a resumed run was warned when it started; its own checks come first
+        warn_if_implausible(bundle, train_set, test_set, say, when="before fine-tuning")
     checkpoint = None if checkpoint_dir is not None else default_checkpoint(output)
     record = run_finetune(bundle, train_set, test_set, config, device=device, checkpoint=checkpoint,
                           checkpoint_dir=checkpoint_dir, resume=resume, quiet=quiet)
@@ -276,10 +308,13 @@ def prune(
     seed: Seed = 0,
     device: Device = "auto",
     quiet: Quiet = False,
+    mean: Mean = None,
+    std: Std = None,
 ) -> None:
     """Gradual magnitude pruning with the transformed-l1 term and a condition-number constraint
     (TSCNC), adversarial fine-tuning in the same loop; masks are baked into the weights on export."""
     from harden.io.bundle_file import save_bundle
+    from harden.training.plausibility import warn_if_implausible
     from harden.pruning.prune import PruneConfig, objective_from_history, prune as run_prune
     from harden.training.finetune import default_checkpoint, main_process
 
@@ -290,8 +325,10 @@ def prune(
                          norm=norm or "inf", steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
                          eval_limit=eval_limit)
     config.validate()  # before any loading; the objective may still come from the model
+    normalization = parse_normalization(mean, std)
     check_training_run(model, data, limit, output, resume, checkpoint_dir, epochs, device)
     bundle = model.load()
+    take_normalization(bundle, *normalization)
     previous = objective_from_history(bundle) if train is None else None
     if previous is not None:
         # Continue the model's adversarial fine-tuning: same objective, eps and norm unless given.
@@ -303,6 +340,8 @@ def prune(
         say(f"training objective from the model's fine-tuning: {config.train} eps {config.eps:g} (l{config.norm})",
             quiet=quiet)
     train_set, test_set = training_data(bundle, data, limit, say if main_process() and not quiet else None)
+    if resume is None:  # a resumed run was warned when it started; its own checks come first
+        warn_if_implausible(bundle, train_set, test_set, say, when="before pruning")
     record = run_prune(bundle, train_set, test_set, config, device=device, quiet=quiet, resume=resume,
                        checkpoint=None if checkpoint_dir is not None else default_checkpoint(output),
                        checkpoint_dir=checkpoint_dir)
@@ -338,6 +377,25 @@ def _prune_summary(record: dict, eps: float) -> str:
     return (f"sparsity {100 * final['sparsity']:.2f}% ({final['zeros']} of {final['entries']} weights); max kappa {kappa} "
             f"(live part {live}); test clean {100 * record['test_clean_accuracy']:.2f}%{robust} "
             f"on {record['test_samples']} samples")
+
+
+@app.command()
+@one_line_errors
+def setup(
+    print_only: bool = typer.Option(False, "--print", help="Only print the install command (to paste elsewhere)."),
+) -> None:
+    """Install auto-LiRPA 0.3, the bound engine, into this Python (pip --no-deps: its metadata pins
+    torch<1.13), then check that it bounds a tiny network soundly."""
+    from certify.setup import install_command, setup as run_setup, shown
+
+    if print_only:
+        typer.echo(shown(install_command()))
+        return
+    found = run_setup(log=say)
+    patches = ", ".join(found["patches"]) or "none needed"
+    tested = "tested" if found["torch_tested"] else "NOT a tested version"
+    say(f"auto_LiRPA {found['auto_LiRPA']} works (IBP and CROWN checked; patches: {patches}); torch {found['torch']} "
+        f"({tested}), CUDA {'available' if found['cuda'] else 'not available'}")
 
 
 def main() -> None:

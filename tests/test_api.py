@@ -175,3 +175,20 @@ def test_the_readme_example_runs(tmp_path):
     assert summary["module_certified"] == summary["file_certified"]
     assert (tmp_path / "model.onnx").is_file()
     assert "Warning" not in done.stderr, done.stderr[-2000:]
+
+
+def test_certify_module_bounds_a_model_with_dropout_as_its_eval_network(trained, mnist_test):
+    """auto_LiRPA 0.3 puts a graph with Dropout in training mode and refuses to bound it; the network a
+    user certifies is the eval-mode one, where Dropout is the identity: same verdicts and margins."""
+    with_dropout = copy.deepcopy(trained)
+    with_dropout.head = nn.Sequential(with_dropout.head[0], nn.Dropout(0.5), *with_dropout.head[1:])
+    x, y = mnist_test.x[:12], mnist_test.y[:12]
+    settings = dict(eps=[0.02], methods=("ibp", "crown"), seed=1, attack_steps=5, mean=MEAN, std=STD)
+    plain, dropped = (certify.certify_module(m, x, y, **settings)[0] for m in (trained, with_dropout))
+    assert any(s.verdict == "verified" for s in plain.samples)
+    assert [(s.verdict, s.method) for s in dropped.samples] == [(s.verdict, s.method) for s in plain.samples]
+    for a, b in zip(plain.samples, dropped.samples):
+        assert (a.margin_lower_bound is None) == (b.margin_lower_bound is None)
+        if a.margin_lower_bound is not None:
+            assert abs(a.margin_lower_bound - b.margin_lower_bound) < 1e-4
+    assert any(isinstance(m, nn.Dropout) for m in with_dropout.modules())  # the user's model is unchanged

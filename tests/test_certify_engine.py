@@ -242,9 +242,10 @@ def test_cli_report_plot_and_fail_under(cnn_onnx, tmp_path):
     assert set(first) >= {"eps", "samples", "clean_accuracy", "attacked_accuracy", "certified_accuracy",
                           "verified", "falsified", "unknown", "verified_by", "reused", "seconds", "per_sample"}
     assert set(first["per_sample"][0]) == {"index", "label", "prediction", "verdict", "method",
-                                           "margin_lower_bound", "seconds", "reused_from"}
+                                           "margin_lower_bound", "seconds", "reused_from", "bab"}
+    assert all(s["bab"] is None for s in first["per_sample"])  # no --timeout: no branch and bound
     assert set(document["radius"]["per_sample"][0]) == {"index", "label", "prediction", "radius", "upper",
-                                                       "attack_upper", "method", "seconds"}
+                                                       "attack_upper", "method", "seconds", "out_of_time"}
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
     passing = _cli(str(cnn_onnx), "--eps", "0.01", "--limit", "4", "--method", "ibp,crown", "--attack-steps", "5",
                    "--fail-under", "0.5")

@@ -142,3 +142,22 @@ def test_a_model_near_chance_is_warned_about(mnist_train, mnist_test):
     found = warn_if_implausible(bundle, mnist_train.subset(1000), mnist_test, messages.append, when="before pruning")
     assert found < 0.3 and len(messages) == 1
     assert messages[0].startswith(f"warning: clean accuracy before pruning is {100 * found:.1f}% on 500 samples")
+
+
+def test_harden_train_trains_behind_the_normalization_and_records_it(mnist_test, tmp_path):
+    """`harden train --mean/--std` trains on normalized inputs (the accuracy it reports is the one
+    measured behind the map) and records the map, so a later step needs no --mean/--std and a
+    different one is refused."""
+    from harden.training.train import accuracy
+
+    out = tmp_path / "m.safetensors"
+    code, output = harden("train", "--data", "mnist", "--epochs", "1", *NORMALIZE, "--quiet", "-o", out)
+    assert code == 0, output
+    bundle = load_bundle(out)
+    assert (bundle.data["mean"], bundle.data["std"]) == ([MEAN], [STD])
+    reported = bundle.history[-1]["test_accuracy"]
+    behind_map = accuracy(training_module(bundle), mnist_test, device=torch.device("cpu"))
+    assert abs(behind_map - reported) < 1e-9 and reported > 0.9
+    assert accuracy(bundle.module, mnist_test, device=torch.device("cpu")) < reported  # raw pixels: not what it learnt
+    code, output = finetune(out, tmp_path / "ft.safetensors", "--mean", "0.5", "--std", "0.5")
+    assert code == 2 and "disagrees with the normalization the model records" in output

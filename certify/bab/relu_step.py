@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from certify.bounds.bounder import bound_lower, box_input
-from certify.bounds.compat import lirpa
+from certify.bounds.compat import bounded_module
 
 
 @dataclass
@@ -66,10 +66,9 @@ class ReluBounding:
 
     def __init__(self, module: nn.Module, input_shape: tuple[int, ...], *, device: torch.device,
                  iterations: int = 10):
-        auto_lirpa = lirpa()
         self.device = device
         example = torch.zeros(1, *input_shape, device=device)
-        self.bounded = auto_lirpa.BoundedModule(
+        self.bounded = bounded_module(
             module, example, device=device,
             bound_opts={"verbosity": 0, "optimize_bound_args": {"iteration": iterations, "lr_alpha": 0.1,
                                                                 "lr_beta": 0.05}})

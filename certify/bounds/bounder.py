@@ -11,10 +11,12 @@ they all compute the same bound for the same method name.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from certify.bounds.compat import lirpa
+from certify.bounds.compat import bounded_module, lirpa
 from certify.bounds.lipschitz import LipschitzChain, analyse, lipschitz_lower_bounds
 
 # "lipschitz" (certify.bounds.lipschitz) needs no auto_LiRPA: margins minus Lipschitz constant x eps.
@@ -107,6 +109,20 @@ def bound_lower(bounded, x, c: torch.Tensor, method: str, *, differentiable: boo
     return lower if differentiable else lower.detach()
 
 
+def dropout_as_identity(module: nn.Module) -> nn.Module:
+    """`module`, or a copy of it with every Dropout layer replaced by the identity. The network that is
+    certified is the eval-mode one, where Dropout is the identity; auto_LiRPA 0.3 instead switches a
+    graph with Dropout to training mode and then refuses to bound it."""
+    if not any(isinstance(m, nn.modules.dropout._DropoutNd) for m in module.modules()):
+        return module
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.modules.dropout._DropoutNd):
+                setattr(parent, name, nn.Identity())
+    return module
+
+
 class MarginBounder:
     """Bounds the margins of one model over l-infinity boxes or l2 balls, by a Lipschitz margin, IBP,
     CROWN or alpha-CROWN."""
@@ -116,12 +132,12 @@ class MarginBounder:
         """`with_lirpa=False` skips auto_LiRPA's graph: only "lipschitz" bounds then, also for layers
         auto_LiRPA cannot bound (an ELU, say)."""
         self.device = torch.device(device)
-        self.module = module.eval().to(self.device)
+        self.module = dropout_as_identity(module).eval().to(self.device)
         self.input_shape = tuple(input_shape)
         example = torch.zeros(1, *self.input_shape, device=self.device)
         with torch.no_grad():
             self.num_classes = int(self.module(example).shape[1])
-        self.bounded = None if not with_lirpa else lirpa().BoundedModule(
+        self.bounded = None if not with_lirpa else bounded_module(
             self.module, example, device=self.device,
             bound_opts={"verbosity": 0, "optimize_bound_args": {"iteration": alpha_iterations}})
         self._lipschitz: LipschitzChain | None = None

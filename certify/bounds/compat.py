@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import importlib.util
+import shlex
 import sys
 import types
 import warnings
 
 from packaging.version import Version
+
+from certify.common.errors import UserError
 
 _applied: list[str] = []
 
@@ -155,10 +159,13 @@ def _patch_flat_add_mode(auto_LiRPA) -> None:
 
 def bounded_module(module, example, **options):
     """auto_LiRPA's BoundedModule of `module` traced on `example`. An op auto_LiRPA cannot bound is a
-    UserError that names it, not auto_LiRPA's bare NotImplementedError after lines of its log."""
+    UserError that names it, not auto_LiRPA's bare NotImplementedError after lines of its log. Its
+    notes on switching Dropout/BatchNorm modes while tracing are printed to stdout, which is where a
+    user's results go: they are dropped."""
+    import contextlib
+    import io
     import logging
 
-    from certify.common.errors import UserError
 
     auto_lirpa = lirpa()
     unsupported: list[str] = []
@@ -173,7 +180,8 @@ def bounded_module(module, example, **options):
     log, collect = logging.getLogger("auto_LiRPA.utils"), _Collect()
     log.addFilter(collect)
     try:
-        return auto_lirpa.BoundedModule(module, example, **options)
+        with contextlib.redirect_stdout(io.StringIO()):
+            return auto_lirpa.BoundedModule(module, example, **options)
     except NotImplementedError:
         if not unsupported:
             raise
@@ -193,9 +201,37 @@ def _register_activations(auto_LiRPA) -> None:
         _applied.append(f"custom op {op}")
 
 
+# Whether the engine is installed at all: pip cannot install it with the package (certify.setup).
+AUTO_LIRPA = "auto-LiRPA==0.3"
+
+
+def install_command(python: str | None = None) -> list[str]:
+    """pip, run by the interpreter that runs harden, installing auto-LiRPA without its stale pins."""
+    return [python or sys.executable, "-m", "pip", "install", "--no-deps", AUTO_LIRPA]
+
+
+def shown(command: list[str]) -> str:
+    return shlex.join(command)
+
+
+def auto_lirpa_installed() -> bool:
+    importlib.invalidate_caches()  # a `harden setup` in this process may have just installed it
+    return importlib.util.find_spec("auto_LiRPA") is not None
+
+
+def require_auto_lirpa() -> None:
+    """A one-line UserError with the exact command to run when the bound engine is missing."""
+    if not auto_lirpa_installed():
+        raise UserError("auto_LiRPA, the bound engine, is not installed (pip cannot install it with harden: "
+                        "its only release pins torch<1.13)",
+                        f"run: {shown(install_command())}   (that is what `harden setup` does)")
+
+
 @functools.lru_cache(maxsize=None)
 def lirpa():
-    """Import auto_LiRPA with whatever patches the installed versions need, and return it."""
+    """Import auto_LiRPA with whatever patches the installed versions need, and return it (a one-line
+    UserError naming the install command when it is missing)."""
+    require_auto_lirpa()
     old_release = auto_lirpa_version() < Version("0.4")
     if old_release:
         _patch_numpy_arraysetops()

@@ -105,8 +105,18 @@ def summary_table(run: CertifyRun) -> Table:
         by = ", ".join(f"{k} {v}" for k, v in s["verified_by"].items()) or "-"
         table.add_row(f"{s['eps']:g}", str(s["samples"]), f"{100 * s['clean_accuracy']:.1f}%",
                       f"{100 * s['attacked_accuracy']:.1f}%", f"{100 * s['certified_accuracy']:.1f}%",
-                      by, str(s["unknown"]), f"{s['seconds']:.1f} s")
+                      by, f"{s['unknown']} {unknown_why([v.bab for v in result.samples if v.verdict == 'unknown'])}".strip(),
+                      f"{s['seconds']:.1f} s")
     return table
+
+
+def unknown_why(searches: list[dict | None]) -> str:
+    """Why branch and bound left these unknown, counted by reason: "(timeout 2, domain limit 1)"."""
+    reasons: dict[str, int] = {}
+    for search in searches:
+        if search is not None and search.get("result") == "unknown":
+            reasons[search["reason"]] = reasons.get(search["reason"], 0) + 1
+    return f"({', '.join(f'{reason} {count}' for reason, count in reasons.items())})" if reasons else ""
 
 
 def radius_table(run: CertifyRun) -> Table:
@@ -140,7 +150,7 @@ def vnnlib_property_table(run: VnnlibRun) -> Table:
     for column in ("model", "property", "result", "by", "bound", "time"):
         table.add_column(column, justify="right")
     for p in run.properties:
-        table.add_row(Path(p.onnx).name, Path(p.vnnlib).name, p.result, p.method or "-",
+        table.add_row(Path(p.onnx).name, Path(p.vnnlib).name, p.result, p.method or unknown_why([p.bab]) or "-",
                       "-" if p.bound is None else f"{p.bound:.4g}", f"{p.seconds:.2f} s")
     return table
 

@@ -32,7 +32,8 @@ from certify.data.datasets import load_dataset
 from certify.onnx_import.certifiable import load_certifiable
 from certify.specs.input_spec import InputSpec, check_norm, spec_from_metadata
 from certify.verdicts.cascade import (FALSIFIED, UNKNOWN, VERIFIED,
-                                      CascadeOptions, Verdict, certify_batch)
+                                      CascadeOptions, Verdict, certify_batch,
+                                      check_bab_options)
 from certify.verdicts.file_outputs import FileOutputs, certified_module
 from certify.verdicts.radius import RadiusRecord, bisect_radius, radius_summary
 from certify.verdicts.run_checks import (check_against_model, check_data_fits,
@@ -162,17 +163,24 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
                   mean: list[float] | None = None, std: list[float] | None = None, seed: int = 0,
                   quiet: bool = False, radius: bool = False, radius_tol: float = 1e-3,
                   radius_max: float | None = None, attack_steps: int = 50,
-                  attack_restarts: int = 3, norm: str = "inf") -> CertifyRun | None:
+                  attack_restarts: int = 3, norm: str = "inf",
+                  radius_budget: float | None = None, timeout: float | None = None,
+                  max_domains: int = 200_000, branching: str = "babsr") -> CertifyRun | None:
     """Certify the model at every eps (and, with `radius`, bisect each sample's certified radius).
 
     Under torchrun every rank calls this; rank 0 returns the merged run, the others None.
     Every input is checked (options, model, spec, data) before the first sample is certified.
+    `radius_budget` caps the seconds of radius bisection per sample (None: no cap). With "bab" among
+    the methods, `timeout` caps its seconds per sample and eps, `max_domains` its domains.
     """
     started = time.perf_counter()
     eps_values = sorted(set(float(e) for e in eps_values))
     check_run_options(eps_values, methods=methods, limit=limit, batch_size=batch_size, split=split, radius=radius,
                       radius_tol=radius_tol, radius_max=radius_max, attack_steps=attack_steps,
                       attack_restarts=attack_restarts, mean=mean, std=std, device=device, seed=seed, norm=norm)
+    check_bab_options(timeout, max_domains, branching)
+    if radius_budget is not None and not (radius_budget > 0 and radius_budget != float("inf")):
+        raise UserError(f"--radius-budget {radius_budget} is out of range", "give seconds per sample, e.g. 5")
     model_path = Path(model_path)
     model = load_certifiable(model_path)
     model_sha256 = sha256_file(model_path)
@@ -193,8 +201,11 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
             "--mean/--std are applied in front of it as well", quiet=quiet)
     torch.manual_seed(seed)
     module, bounder, file_outputs = certified_module(model_path, model, spec, dev)
+    if "lipschitz" in methods and bounder.lipschitz.refused is not None:
+        say(f"warning: the lipschitz stage decides nothing on this model: {bounder.lipschitz.refused}", quiet=quiet)
     options = CascadeOptions(methods=tuple(methods), attack=attack, attack_steps=attack_steps,
-                             attack_restarts=attack_restarts, seed=seed)
+                             attack_restarts=attack_restarts, seed=seed, timeout=timeout, max_domains=max_domains,
+                             branching=branching)
     radius_high = radius_max if radius_max is not None else spec.largest_eps(tuple(model.input_shape))
 
     results = [EpsResult(eps) for eps in eps_values]
@@ -218,7 +229,8 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
                 t0 = time.perf_counter()
                 radius_result.samples += _radius_batch(module, bounder, spec, x, y, indices, eps_values,
                                                        verdicts, options, radius_tol, radius_high, batch_number,
-                                                       file_outputs)
+                                                       file_outputs, budget=radius_budget,
+                                                       progress=lambda line: bar.update(task, status=line))
                 radius_result.seconds += time.perf_counter() - t0
             bar.update(task, advance=stop - start, status=_progress_status(results, radius_result))
 
@@ -287,7 +299,8 @@ def _implied(per_eps, eps_values, k: int, i: int) -> Verdict | None:
 
 
 def _radius_batch(module, bounder, spec, x, y, indices, eps_values, per_eps, options, tolerance, high,
-                  batch_number, file_outputs: FileOutputs | None = None) -> list[RadiusRecord]:
+                  batch_number, file_outputs: FileOutputs | None = None, *, budget: float | None = None,
+                  progress=None) -> list[RadiusRecord]:
     """Bisect this batch's radii, starting from what the --eps verdicts already say."""
     n = len(indices)
     lower = torch.zeros(n, dtype=torch.float64)
@@ -310,7 +323,7 @@ def _radius_batch(module, bounder, spec, x, y, indices, eps_values, per_eps, opt
     return bisect_radius(module, bounder, spec, x, y, indices, options, tolerance=tolerance, lower=lower,
                          upper=upper, attack_upper=attack_upper,
                          seed=batch_seed(options.seed, batch_number, len(eps_values)), verified_method=method,
-                         file_outputs=file_outputs)
+                         file_outputs=file_outputs, budget=budget, progress=progress)
 
 
 def _progress_status(results: list[EpsResult], radius: RadiusResult | None) -> str:

@@ -14,6 +14,17 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from certify.bounds.bounder import empirical_margins
+from certify.common.errors import UserError
+from certify.common.progress import say
+
+# alpha-CROWN tightens CROWN's relaxation, but its bound never exceeds the true minimum margin over
+# the box, which is at most the margin at the sample itself. A sample whose CROWN bound is so far
+# below zero that alpha-CROWN would have to close more than this fraction of the gap between that
+# bound and the sample's own margin is left unknown without trying. A heuristic that only decides
+# what to try, never a verdict; benchmarks/alpha_skip.py measures what it costs and saves.
+HOPELESS_GAP_FRACTION = 0.4
+
 
 class Problem(Protocol):
     """What the runner needs from a batch: its open rows, a per-row cost, an attack and a bound."""
@@ -55,6 +66,12 @@ class Bound:
         problem.bound(rows, self.name)
 
 
+class Lipschitz(Bound):
+    """Margins at the centre minus Lipschitz constant x radius: one forward pass, cheaper than IBP."""
+
+    name = "lipschitz"
+
+
 class IBP(Bound):
     name = "ibp"
 
@@ -65,13 +82,46 @@ class CROWN(Bound):
 
 class AlphaCROWN(Bound):
     name = "alpha-crown"
+    # The hopeless test judges CROWN's bound: with IBP's alone it would skip samples CROWN can verify.
+    after_crown = False
+
+    def run(self, problem: Problem, rows: torch.Tensor) -> None:
+        if self.after_crown:
+            rows = rows[~hopeless(problem, rows)]
+        if rows.numel():
+            problem.bound(rows, self.name)
+
+
+class BranchAndBound(Bound):
+    """Complete verification (certify.bab) of what every bound left open, under the problem's own
+    limits (--timeout, --max-domains): the problem's `branch_and_bound(rows)`."""
+
+    name = "bab"
+
+    def run(self, problem: Problem, rows: torch.Tensor) -> None:
+        problem.branch_and_bound(rows)
+
+
+def hopeless(problem: Problem, rows: torch.Tensor, fraction: float | None = None) -> torch.Tensor:
+    """Per row: True where the best bound so far is too far below zero for a tighter relaxation of
+    the same network (see HOPELESS_GAP_FRACTION). Only a batch of samples with their clean inputs
+    can say; for any other problem no row is hopeless."""
+    best = getattr(problem, "best", None)
+    if best is None or best.dim() != 2 or not all(hasattr(problem, a) for a in ("module", "x", "labels", "bounder")):
+        return torch.zeros(len(rows), dtype=torch.bool)
+    with torch.no_grad():
+        logits = problem.module(problem.x[rows].to(problem.bounder.device)).cpu()
+    margins = empirical_margins(logits, problem.labels[rows].cpu()).to(best.dtype)
+    lower, fraction = best[rows], HOPELESS_GAP_FRACTION if fraction is None else fraction
+    needed = torch.where(torch.isfinite(lower) & (lower < 0), -lower / (margins - lower), torch.zeros_like(lower))
+    return (needed > fraction).any(1)
 
 
 # Cheapest first. Attack restarts beyond the first run after the last of the `CHEAP` bounds: on a
 # robust sample every restart runs all its steps, several CROWN passes' worth, while alpha-CROWN
 # is the most expensive by far.
-BOUND_STAGES: dict[str, type[Bound]] = {stage.name: stage for stage in (IBP, CROWN, AlphaCROWN)}
-CHEAP = ("ibp", "crown")
+BOUND_STAGES: dict[str, type[Bound]] = {stage.name: stage for stage in (Lipschitz, IBP, CROWN, AlphaCROWN, BranchAndBound)}
+CHEAP = ("lipschitz", "ibp", "crown")
 
 
 def cascade_stages(methods: tuple[str, ...], *, attack: bool, restarts: int) -> list[Stage]:
@@ -83,6 +133,9 @@ def cascade_stages(methods: tuple[str, ...], *, attack: bool, restarts: int) -> 
     if attack and restarts > 1:
         stages.append(Attack(restarts - 1, 1))
     stages += [BOUND_STAGES[name]() for name in chosen if name not in CHEAP]
+    for stage in stages:
+        if isinstance(stage, AlphaCROWN):
+            stage.after_crown = "crown" in chosen
     return stages
 
 
@@ -94,5 +147,18 @@ def run_stages(stages: list[Stage], problem: Problem) -> None:
         if rows.numel() == 0:
             break
         started = time.perf_counter()
-        stage.run(problem, rows)
+        try:
+            stage.run(problem, rows)
+        except UserError:
+            raise
+        except Exception as error:  # a bound method's own failure ends that method, not the run
+            if not isinstance(stage, Bound):
+                raise
+            say(f"warning: {stage.name} failed on a batch of {len(rows)} ({describe(error)}); "
+                "those samples keep the best verdict found before it")
         problem.cost[rows] += (time.perf_counter() - started) / len(rows)
+
+
+def describe(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:160]}" if text else type(error).__name__

@@ -10,7 +10,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 from certify.bounds.bounder import ball_input, bound_lower, box_input, margin_matrix
-from certify.bounds.compat import lirpa
+from certify.bounds.compat import bounded_module
 
 
 class BoundGraph:
@@ -27,7 +27,6 @@ class BoundGraph:
     """
 
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...], device: torch.device):
-        auto_lirpa = lirpa()
         self.model = model
         # Two samples: a train-mode BatchNorm1d cannot trace a batch of one.
         example = torch.zeros(2, *input_shape, device=device)
@@ -42,7 +41,7 @@ class BoundGraph:
             with torch.no_grad():
                 self.num_classes = int(traced(example).shape[1])
             traced.train()
-            self.bounded = auto_lirpa.BoundedModule(traced, example, device=device, bound_opts={"verbosity": 0})
+            self.bounded = bounded_module(traced, example, device=device, bound_opts={"verbosity": 0})
         finally:
             for module, mode in modes.items():
                 module.training = mode

@@ -62,7 +62,7 @@ def train_clean(bundle: Bundle, train: Dataset, test: Dataset, *, epochs: int = 
                 batch_size: int = 128, seed: int = 0, device: str | None = None, quiet: bool = False) -> dict:
     """Train `bundle.module` with cross-entropy and Adam (the one training loop, harden.training.loop,
     with the clean objective); returns the history record it appends."""
-    from harden.training.loop import Loop, TrainStep
+    from harden.training.loop import Loop, TrainStep, training_module
     from harden.training.objectives import Clean
 
     check_common_options(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
@@ -71,7 +71,8 @@ def train_clean(bundle: Bundle, train: Dataset, test: Dataset, *, epochs: int = 
     dev = resolve_device(device)
     # One generator for the whole run: each epoch's order continues the previous one's stream.
     order = seed_everything(seed)
-    module = bundle.module.to(dev)
+    bundle.module.to(dev)
+    module = training_module(bundle).to(dev)  # behind the recorded --mean/--std, if any
     optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     started = time.perf_counter()
     loop = Loop("train", TrainStep(module, Clean(), lambda: None, touch_all=False), module, optimizer,
@@ -80,7 +81,7 @@ def train_clean(bundle: Bundle, train: Dataset, test: Dataset, *, epochs: int = 
                 status=lambda epoch, totals: f"epoch {epoch + 1}/{epochs} loss {totals[0].item() / max(totals[3].item(), 1):.3f}")
     loop.run()
     test_accuracy = accuracy(module, test, device=dev)
-    module.to("cpu").eval()
+    bundle.module.to("cpu").eval()
     record = {"run": "train", "loss": "clean", "epochs": epochs, "lr": lr, "batch_size": batch_size,
               "seed": seed, "dataset": train.name, "test_accuracy": test_accuracy,
               "seconds": round(time.perf_counter() - started, 1)}
