@@ -9,6 +9,8 @@ nothing.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import test_soundness
 import torch
@@ -265,3 +267,43 @@ def test_certify_model_runs_the_lipschitz_stage(cnn_onnx):
                         quiet=True, norm="2")
     summary = run.results[0].summary()
     assert summary["verified_by"].get("lipschitz", 0) >= 3 and set(summary["verified_by"]) == {"lipschitz"}
+
+
+def test_vnnlib_runs_say_why_the_lipschitz_stage_decides_nothing(tmp_path, capfd):
+    from certify.verdicts.vnnlib_check import check_properties
+    from harden.io.bundle import Bundle
+    from harden.io.export import export_onnx
+
+    torch.manual_seed(0)
+    path = tmp_path / "residual.onnx"
+    export_onnx(Bundle(_FlatResidual().eval(), (1, 4, 4), 3, {"kind": "test"}), path)
+    lines = [f"(declare-const X_{i} Real)" for i in range(16)] + [f"(declare-const Y_{j} Real)" for j in range(3)]
+    lines += [f"(assert (>= X_{i} 0.4))\n(assert (<= X_{i} 0.6))" for i in range(16)]
+    lines.append("(assert (or (>= Y_1 Y_0) (>= Y_2 Y_0)))")
+    prop = tmp_path / "prop.vnnlib"
+    prop.write_text("\n".join(lines) + "\n")
+    capfd.readouterr()
+    run = check_properties(path, [prop], methods=("lipschitz", "ibp"), attack_steps=5, quiet=False)
+    err = capfd.readouterr().err
+    assert "warning: the lipschitz stage decides nothing on residual.onnx" in err
+    assert "joins two computed values" in err
+    assert run.properties[0].method != "lipschitz"
+
+
+def test_the_report_records_how_each_layer_was_bounded(cnn_onnx):
+    from certify.reports.report import report_document
+    from certify.verdicts.dataset import certify_model
+
+    document = report_document(certify_model(cnn_onnx, [0.05], limit=4, batch_size=4, methods=("lipschitz", "ibp"),
+                                             attack_steps=5, quiet=True, norm="2"))
+    record = document["lipschitz"]
+    assert record["refused"] is None and record["layers"]
+    assert json.loads(json.dumps(record)) == record  # plain JSON
+    assert record["l2_product"] > 0
+    from certify.bounds.operator_norms import EXACT_SVD, GRAM_FFT, GRAM_MATRIX
+
+    sound = {EXACT_SVD, GRAM_FFT, GRAM_MATRIX}
+    assert sum(layer["method"] in sound for layer in record["layers"]) >= 2  # the CNN's convs and dense layers
+    without = report_document(certify_model(cnn_onnx, [0.05], limit=4, batch_size=4, methods=("ibp",),
+                                            attack_steps=5, quiet=True))
+    assert without["lipschitz"] is None

@@ -66,6 +66,7 @@ def report_document(run: CertifyRun) -> dict:
         "results": [{**result.summary(), "per_sample": [s.to_json() for s in result.samples]}
                     for result in run.results],
         "radius": radius,
+        "lipschitz": run.lipschitz,
     }
 
 

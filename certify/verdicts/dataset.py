@@ -34,7 +34,8 @@ from certify.specs.input_spec import InputSpec, check_norm, spec_from_metadata
 from certify.verdicts.cascade import (FALSIFIED, UNKNOWN, VERIFIED,
                                       CascadeOptions, Verdict, certify_batch,
                                       check_bab_options)
-from certify.verdicts.file_outputs import FileOutputs, certified_module
+from certify.verdicts.file_outputs import (FileOutputs, certified_module,
+                                          warn_if_lipschitz_refused)
 from certify.verdicts.radius import RadiusRecord, bisect_radius, radius_summary
 from certify.verdicts.run_checks import (check_against_model, check_data_fits,
                                          check_run_options)
@@ -93,6 +94,9 @@ class CertifyRun:
     batch_size: int = 50
     device: str = "cpu"
     seconds: float = 0.0  # wall time of the whole run
+    # The Lipschitz stage's per-layer constants and how each was bounded (exact SVD or Gram iteration),
+    # or why the model was refused; None when the stage was not asked for.
+    lipschitz: dict | None = None
 
 
 def resolve_spec(metadata: dict[str, str], *, data: str | None, mean, std) -> tuple[InputSpec, str]:
@@ -201,8 +205,7 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
             "--mean/--std are applied in front of it as well", quiet=quiet)
     torch.manual_seed(seed)
     module, bounder, file_outputs = certified_module(model_path, model, spec, dev)
-    if "lipschitz" in methods and bounder.lipschitz.refused is not None:
-        say(f"warning: the lipschitz stage decides nothing on this model: {bounder.lipschitz.refused}", quiet=quiet)
+    warn_if_lipschitz_refused(bounder, methods, "this model", quiet=quiet)
     options = CascadeOptions(methods=tuple(methods), attack=attack, attack_steps=attack_steps,
                              attack_restarts=attack_restarts, seed=seed, timeout=timeout, max_domains=max_domains,
                              branching=branching)
@@ -242,7 +245,8 @@ def certify_model(model_path: str | Path, eps_values: list[float], *, data: str 
     results, radius_result = merged
     return CertifyRun(str(model_path), model_sha256, tuple(model.input_shape), spec, dataset.name,
                       split, options, results, radius_result, in_graph, shard.world_size, batch_size, str(dev),
-                      time.perf_counter() - started)
+                      time.perf_counter() - started,
+                      bounder.lipschitz.to_json() if "lipschitz" in options.methods else None)
 
 
 def _certify_eps_batch(module, bounder, spec: InputSpec, x, y, indices, eps_values, order, options,

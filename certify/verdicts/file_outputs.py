@@ -15,6 +15,7 @@ from torch import nn
 
 from certify.attacks.gradient import margin
 from certify.bounds.bounder import MarginBounder
+from certify.common.progress import say
 from certify.onnx_import.channel_affine import affine_ops_as_convs
 from certify.onnx_import.parity import (check_against_onnxruntime,
                                         onnxruntime_logits,
@@ -70,3 +71,10 @@ def certified_module(path: Path, model, spec: InputSpec, device: torch.device):
     module = affine_ops_as_convs(normalized, tuple(model.input_shape)).to(device)
     bounder = MarginBounder(module, tuple(model.input_shape), device=device)
     return module, bounder, FileOutputs(path, normalizer)
+
+
+def warn_if_lipschitz_refused(bounder: MarginBounder, methods, name: str, *, quiet: bool) -> None:
+    """One warning line when the cascade asks for the Lipschitz stage on a graph where the product
+    rule does not hold (a residual add, say): the stage then decides nothing, and the user should know why."""
+    if "lipschitz" in methods and bounder.lipschitz.refused is not None:
+        say(f"warning: the lipschitz stage decides nothing on {name}: {bounder.lipschitz.refused}", quiet=quiet)

@@ -51,7 +51,8 @@ from certify.specs.vnnlib import (VnnlibProperty, find_properties,
 from certify.verdicts.cascade import (CASCADE_METHODS, CascadeOptions,
                                       cascade_stages, check_bab_options,
                                       lower_bounds)
-from certify.verdicts.file_outputs import FileOutputs, certified_module
+from certify.verdicts.file_outputs import (FileOutputs, certified_module,
+                                          warn_if_lipschitz_refused)
 from certify.verdicts.regions import Region, find_in_region
 from certify.verdicts.stages import run_stages
 from certify.verdicts.vnnlib_bab import branch_and_bound, instance_timeouts
@@ -219,6 +220,8 @@ def check_properties(model: str | Path | None, targets: list[str | Path], *, met
     for line in skipped_lines(skipped):
         say(line, quiet=not shard.is_main)  # shown even with --quiet: the run covers less than the file lists
     loaded = {onnx: _load(onnx, model, spec, dev) for onnx, model in models.items()}
+    for onnx, state in loaded.items():
+        warn_if_lipschitz_refused(state.bounder, methods, Path(onnx).name, quiet=quiet)
     options = CascadeOptions(methods=tuple(methods), attack=attack, attack_steps=attack_steps,
                              attack_restarts=attack_restarts, seed=seed, timeout=timeout, max_domains=max_domains,
                              branching=branching)
