@@ -22,8 +22,8 @@ from torch import nn
 from certify.attacks.gradient import find_adversarial, margin
 from certify.bab.outcome import SAT, UNSAT, Limits, Query
 from certify.bab.search import NOT_APPLICABLE, SearchSummary, search_all
-from certify.bounds.bounder import (METHODS, MarginBounder, lower_bounds,
-                                    margin_matrix)
+from certify.bounds.bounder import (METHODS, MarginBounder, empirical_margins,
+                                    lower_bounds, margin_matrix)
 from certify.common.errors import UserError
 from certify.common.seeds import generator, stream_seed
 from certify.verdicts import stages as stage_table
@@ -138,6 +138,12 @@ class _SampleBatch:
 
     def open_rows(self) -> torch.Tensor:
         return torch.nonzero(self.open_).flatten()
+
+    def clean_margins(self, rows: torch.Tensor) -> torch.Tensor:
+        """The margins (rows, classes - 1) at the clean inputs themselves: no bound over the box can exceed them."""
+        with torch.no_grad():
+            logits = self.module(self.x[rows].to(self.bounder.device)).cpu()
+        return empirical_margins(logits, self.labels[rows].cpu())
 
     def attack(self, rows: torch.Tensor, restarts: int, attempt: int) -> None:
         device = self.bounder.device

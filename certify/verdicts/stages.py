@@ -14,7 +14,6 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from certify.bounds.bounder import empirical_margins
 from certify.common.errors import UserError
 from certify.common.progress import say
 
@@ -106,12 +105,10 @@ def hopeless(problem: Problem, rows: torch.Tensor, fraction: float | None = None
     """Per row: True where the best bound so far is too far below zero for a tighter relaxation of
     the same network (see HOPELESS_GAP_FRACTION). Only a batch of samples with their clean inputs
     can say; for any other problem no row is hopeless."""
-    best = getattr(problem, "best", None)
-    if best is None or best.dim() != 2 or not all(hasattr(problem, a) for a in ("module", "x", "labels", "bounder")):
+    best, clean_margins = getattr(problem, "best", None), getattr(problem, "clean_margins", None)
+    if best is None or best.dim() != 2 or clean_margins is None:
         return torch.zeros(len(rows), dtype=torch.bool)
-    with torch.no_grad():
-        logits = problem.module(problem.x[rows].to(problem.bounder.device)).cpu()
-    margins = empirical_margins(logits, problem.labels[rows].cpu()).to(best.dtype)
+    margins = clean_margins(rows).to(best.dtype)
     lower, fraction = best[rows], HOPELESS_GAP_FRACTION if fraction is None else fraction
     needed = torch.where(torch.isfinite(lower) & (lower < 0), -lower / (margins - lower), torch.zeros_like(lower))
     return (needed > fraction).any(1)
