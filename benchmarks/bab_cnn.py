@@ -40,14 +40,15 @@ def _cells(line: dict) -> list:
 def show(document: dict) -> None:
     from rich.console import Console
 
-    out = table(f"branch and bound on {document['model']} at eps {document['eps']} "
+    out = table(f"branch and bound on {document['model']} at {'l2 radius' if document.get('norm') == '2' else 'eps'} "
+                f"{document['eps']} "
                 f"(timeout {document['timeout']} s per sample, 2 CPU cores)", COLUMNS)
     for line in document["runs"]:
         out.add_row(*[str(c) for c in _cells(line)])
     Console().print(out)
 
 
-def search_unknowns(model_path: str, eps: float, limit: int, unknown: list[int], timeout: float):
+def search_unknowns(model_path: str, eps: float, limit: int, unknown: list[int], timeout: float, norm: str = "inf"):
     """The cascade with branch and bound, on the samples the default cascade left unknown."""
     import torch
 
@@ -66,8 +67,10 @@ def search_unknowns(model_path: str, eps: float, limit: int, unknown: list[int],
     verdicts = []
     for index in unknown:
         x = dataset.x[index:index + 1].reshape(-1, *model.input_shape)
+        # At l2 the box is the ball's bounding box within the input range, as certify --norm 2 has it.
+        radii = torch.full((1,), eps, dtype=torch.float64) if norm == "2" else None
         verdicts += certify_batch(module, bounder, x, dataset.y[index:index + 1], spec.box(x, eps), [index], options,
-                                  file_outputs=file_outputs)
+                                  file_outputs=file_outputs, l2_radii=radii)
     return verdicts
 
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eps", type=float, default=0.1)
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds of branch and bound per sample")
+    parser.add_argument("--norm", choices=("inf", "2"), default="inf", help="l-infinity boxes or l2 balls of radius eps")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
@@ -85,13 +89,13 @@ def main(argv: list[str] | None = None) -> dict:
     from certify.verdicts.dataset import certify_model
 
     started = time.perf_counter()
-    run = certify_model(args.model, [args.eps], limit=args.limit, methods=METHODS, quiet=True)
+    run = certify_model(args.model, [args.eps], limit=args.limit, methods=METHODS, quiet=True, norm=args.norm)
     default = run.results[0]
     line = _line("default cascade", default.summary(), [v for v in default.samples if v.verdict == "unknown"],
                  time.perf_counter() - started)
     started = time.perf_counter()
     unknown = [v.index for v in default.samples if v.verdict == "unknown"]
-    searched = search_unknowns(args.model, args.eps, args.limit, unknown, args.timeout)
+    searched = search_unknowns(args.model, args.eps, args.limit, unknown, args.timeout, args.norm)
     summary = dict(default.summary())
     for v in searched:
         summary["unknown"] -= v.verdict != "unknown"
@@ -101,10 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
         summary["attacked_accuracy"] -= (v.verdict == "falsified") / summary["samples"]
     after = _line("then bab on the unknowns", summary, [v for v in searched if v.verdict == "unknown"],
                   time.perf_counter() - started)
-    document = {"benchmark": "bab_cnn", "model": args.model, "eps": args.eps, "limit": args.limit,
+    document = {"benchmark": "bab_cnn", "model": args.model, "eps": args.eps, "norm": args.norm, "limit": args.limit,
                 "timeout": args.timeout, "cores": 2, "runs": [line, after],
                 "searched": [v.to_json() for v in searched]}
-    lines = [f"{args.model}, first {args.limit} MNIST test images, eps {args.eps:g}: the default cascade, then the "
+    ball = "l2 radius" if args.norm == "2" else "l-infinity eps"
+    lines = [f"{args.model}, first {args.limit} MNIST test images, {ball} {args.eps:g}: the default cascade, then the "
              f"cascade with at most {args.timeout:g} s of branch and bound per sample on the samples it left "
              "unknown (seconds: that search alone); 2 CPU cores.", ""]
     write_markdown(args.markdown, lines + markdown_table(COLUMNS, [_cells(entry) for entry in (line, after)]))

@@ -8,8 +8,8 @@ eps = 0.05 x mean ||x||_2 of the training images (Farnia et al.'s radius) and at
 
   - clean accuracy, and PGD-l2 accuracy (margin loss, `--pgd-steps` steps, `--pgd-restarts` restarts);
   - certified accuracy by the Lipschitz stage alone (certify.bounds.lipschitz) and by the full
-    cascade (certify.verdicts.cascade: lipschitz, IBP, CROWN, alpha-CROWN between PGD restarts).
-    auto_LiRPA 0.3 cannot bound an ELU, so the MLP's cascade is lipschitz and PGD only (said so);
+    cascade (certify.verdicts.cascade: lipschitz, IBP, CROWN, alpha-CROWN between PGD restarts),
+    for the MLP too (its ELU is bounded by certify.bounds.activations);
   - seconds per sample of each bound stage on its own (all of the subset at the paper's radius,
     alpha-CROWN on `--alpha-limit` samples), and of the whole cascade.
 
@@ -122,19 +122,17 @@ def _measure(module, arch: str, variant: str, test, eps_values: list[float], arg
     from certify.bounds.bounder import MarginBounder
 
     x, y = test.x.reshape(-1, *SHAPE), test.y
-    with_lirpa = arch != "mlp-elu-512"  # auto_LiRPA 0.3 has no ELU
-    bounder = MarginBounder(module, SHAPE, with_lirpa=with_lirpa)
+    bounder = MarginBounder(module, SHAPE)
     started = time.perf_counter()
     chain = bounder.lipschitz
     out = {"lipschitz_seconds_setup": round(time.perf_counter() - started, 3),
            "lipschitz_l2_constant": chain.to_json()["l2_product"],
            "norm_methods": sorted({step.method for step in chain.steps if step.kind in ("Conv2d", "Linear")}),
-           "cascade_methods": args.cascade_methods.split(",") if with_lirpa else ["lipschitz"]}
+           "cascade_methods": args.cascade_methods.split(",")}
     with torch.no_grad():
         out["clean_accuracy"] = float((module(x).argmax(1) == y).float().mean())
     # alpha-CROWN at l2 is by far the slowest stage (its column in the table): timed on the baseline only.
     timed = ["lipschitz", "ibp", "crown"] + (["alpha-crown"] if variant == "plain" and args.alpha_limit else [])
-    timed = timed if with_lirpa else ["lipschitz"]
     out["stage_seconds_per_sample"] = _stage_times(bounder, x, y, eps_values[0], timed, args)
     per_eps = []
     for eps in eps_values:
@@ -207,8 +205,8 @@ def markdown(document: dict) -> str:
              f"{document['paper_eps']:.3f} = 0.05 x mean ||x||_2). Accuracies in % on the first "
              f"{document['test_samples']} test images: PGD-l2 ({document['pgd_steps']} steps, "
              f"{document['pgd_restarts']} restart(s), margin loss) / certified by the Lipschitz stage alone / "
-             f"certified by the cascade ({document['cascade_methods']} with PGD; the MLP: lipschitz with PGD, "
-             f"auto_LiRPA has no ELU) on the first {document['cascade_limit']}. Seconds per sample of each bound "
+             f"certified by the cascade ({document['cascade_methods']} with PGD) on the first "
+             f"{document['cascade_limit']}. Seconds per sample of each bound "
              f"stage alone at the paper's eps, on {document['threads']} CPU cores, over {document['stage_limit']} "
              f"samples (alpha-CROWN: {document['alpha_limit']}, plain models only).", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -121,10 +121,10 @@ class _SmallMemory(ReluBounding):
 
     most = 3
 
-    def bound(self, lower, upper, c, domains, *, optimise=True):
+    def bound(self, lower, upper, c, domains, **options):
         if len(domains) > self.most:
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return super().bound(lower, upper, c, domains, optimise=optimise)
+        return super().bound(lower, upper, c, domains, **options)
 
 
 def test_the_batch_backs_off_on_out_of_memory():
@@ -169,21 +169,6 @@ def test_the_cascade_ends_with_bab_only_when_asked():
     assert all(v.verdict in (VERIFIED, FALSIFIED, UNKNOWN) for v in searched)
 
 
-def test_l2_regions_are_not_searched():
-    net = relu_net(6)
-    torch.manual_seed(5)
-    x = torch.rand(4, INPUTS)
-    with torch.no_grad():
-        labels = net(x).argmax(1)
-    radii = torch.full((4,), 2.0, dtype=torch.float64)
-    verdicts = certify_batch(net, MarginBounder(net, (INPUTS,)), x, labels, (torch.zeros_like(x), torch.ones_like(x)),
-                             list(range(4)), CascadeOptions(methods=("crown", "bab"), attack=False, timeout=5.0),
-                             l2_radii=radii)
-    open_ = [v for v in verdicts if v.verdict == UNKNOWN]
-    assert open_, "radius 2 leaves samples open for CROWN"
-    assert all(v.bab["reason"].startswith(NOT_APPLICABLE) and v.method is None for v in open_)
-
-
 def test_beta_split_constraints_are_sound_and_never_loosen():
     """Split a few unstable first-layer ReLUs of the root: the domain's bound with beta must hold on
     every sampled point of the domain (the box points that satisfy the splits) and be at least
@@ -214,3 +199,40 @@ def test_beta_split_constraints_are_sound_and_never_loosen():
         values = net(points[inside]) @ c[0]
     assert inside.sum() > 100
     assert float(values.min()) >= with_beta - 1e-5
+
+
+def test_max_pool_nets_are_searched_and_every_proof_survives_attack_and_sampling():
+    """Max pooling keeps CROWN's relaxation, the ReLUs are split: unsat must survive sampling and PGD."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 10), nn.ReLU(),
+                        nn.Linear(10, 3)).eval()
+    bounder = MarginBounder(net, (1, 8, 8))
+    generator = torch.Generator().manual_seed(3)
+    answers = {UNSAT: 0, SAT: 0, UNKNOWN: 0}
+    for _ in range(6):
+        centre = torch.rand(1, 1, 8, 8, generator=generator)
+        lower, upper = (centre - 0.1).clamp(0, 1), (centre + 0.1).clamp(0, 1)
+        with torch.no_grad():
+            label = int(net(centre).argmax())
+        for other in (j for j in range(3) if j != label):
+            c = torch.zeros(1, 3)
+            c[0, label], c[0, other] = 1.0, -1.0
+            d = torch.zeros(1)
+
+            def confirm(x, lower=lower, upper=upper, c=c):
+                with torch.no_grad():
+                    return bool(((x >= lower[0]) & (x <= upper[0])).all()) and float(net(x.unsqueeze(0))[0] @ c[0]) <= 0
+
+            summary = search_all(bounder, net, [Query(lower, upper, c, d, confirm)],
+                                 Limits(max_domains=2000, batch=32, iterations=5))
+            answers[summary.result] += 1
+            assert summary.method == "bab"  # searched, not "not applicable"
+            if summary.result == UNSAT:
+                points = lower + torch.rand(4000, 1, 8, 8, generator=generator) * (upper - lower)
+                _, x = search_box(net, centre, lower, upper, lambda y, rows: -(y @ c.t()).amax(1), steps=100,
+                                  restarts=5, seed=0, inclusive=True)
+                with torch.no_grad():
+                    assert float((net(torch.cat([points, x])) @ c[0]).min()) > 0
+            elif summary.result == SAT:
+                assert confirm(summary.x)
+    assert answers[UNSAT] >= 2, answers

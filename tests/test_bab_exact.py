@@ -95,9 +95,10 @@ def test_relu_split_agrees_with_the_exact_answer():
     boundings = {}
 
     def search(net, query, limits):
-        if id(net) not in boundings:
-            boundings[id(net)] = ReluBounding(net, (2,), device=torch.device("cpu"), iterations=5)
-        return search_relu_splits(boundings[id(net)], net, query, limits)
+        # Keyed by the net itself (held alive): an id() of a freed net can name the next one.
+        if net not in boundings:
+            boundings[net] = ReluBounding(net, (2,), device=torch.device("cpu"), iterations=5)
+        return search_relu_splits(boundings[net], net, query, limits)
 
     for seed in (0, 1):
         decided, wrong = _agreement(search, 150, seed)
@@ -109,9 +110,9 @@ def test_input_split_agrees_with_the_exact_answer():
     bounders = {}
 
     def search(net, query, limits):
-        if id(net) not in bounders:
-            bounders[id(net)] = MarginBounder(net, (2,))
-        return search_input_splits(bounders[id(net)], net, query, limits)
+        if net not in bounders:
+            bounders[net] = MarginBounder(net, (2,))
+        return search_input_splits(bounders[net], net, query, limits)
 
     for seed in (2, 3):
         decided, wrong = _agreement(search, 100, seed)

@@ -8,6 +8,8 @@ l2 radii are radii where the cascade verifies; a bad --norm is one line, exit co
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import test_soundness
 import torch
@@ -202,3 +204,23 @@ def test_l2_bounds_hold_behind_a_normalization(cnn_onnx, data, method):
         with torch.no_grad():
             margins = empirical_margins(module(points), y[i].expand(len(points)))
         assert (bound[i] <= margins.min(0).values + 1e-5).all(), i
+
+
+def test_branch_and_bound_searches_l2_balls_from_the_command_line(cnn_onnx, module, data, tmp_path):
+    """--norm 2 --timeout: what CROWN leaves open at l2 is searched (not "not applicable"), and every
+    sample the search verifies survives PGD-l2 with restarts."""
+    out = tmp_path / "l2_bab.json"
+    result = CliRunner().invoke(app, [str(cnn_onnx), "--norm", "2", "--eps", "0.2", "--limit", str(SAMPLES),
+                                      "--method", "ibp,crown,bab", "--timeout", "3", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    samples = json.loads(out.read_text())["results"][0]["per_sample"]
+    searched = [s for s in samples if s["bab"] is not None]
+    assert searched, "eps 0.2 leaves samples that CROWN cannot decide"
+    assert all(s["bab"]["method"] == "bab" and s["bab"]["reason"] != "not applicable" for s in searched)
+    proved = torch.tensor([s["index"] for s in samples if s["method"] == "bab" and s["verdict"] == VERIFIED])
+    assert len(proved), "the search proves a sample that IBP and CROWN leave open"
+    x, y = data
+    found, _, other = _l2_attack(module, x[proved], y[proved], 0.2, restarts=10, seed=29)
+    assert not found.any()
+    with torch.no_grad():
+        assert (module(other).argmax(1) == y[proved]).all()

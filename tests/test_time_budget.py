@@ -50,23 +50,49 @@ def box(x: torch.Tensor, eps: float):
     return (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
 
 
+class FailingAlphaCROWN(stages.AlphaCROWN):
+    """alpha-CROWN whose bound computation fails inside auto_LiRPA, as an unsupported relaxation does."""
+
+    def run(self, problem, rows):
+        raise RuntimeError("The size of tensor a (4) must match the size of tensor b (2) at non-singleton dimension 0")
+
+
 def test_failing_alpha_crown_is_contained_to_its_batch(mnist_test, capsys):
     model = conv_bn_maxpool()
     x, y = mnist_test.x[:4].reshape(-1, 1, 28, 28), mnist_test.y[:4]
     with torch.no_grad():
         y = model(x).argmax(1)  # all correctly classified: every sample reaches the bounds
     bounder = MarginBounder(model, (1, 28, 28))
-    verdicts = certify_batch(model, bounder, x, y, box(x, 0.02), list(range(4)),
-                             CascadeOptions(methods=("alpha-crown",), attack=False))
-    assert [v.verdict for v in verdicts] == [UNKNOWN] * 4
-    assert all(v.margin_lower_bound is None for v in verdicts)
+    batch = _SampleBatch(model, bounder, x, y, box(x, 0.02), CascadeOptions(attack=False), 0)
+    stages.run_stages([FailingAlphaCROWN()], batch)
+    assert batch.verdict == [UNKNOWN] * 4
+    assert bool(torch.isinf(batch.best).all())  # no bound was recorded
     warning = capsys.readouterr().err
-    assert "warning: alpha-crown failed on a batch of 4 (AssertionError" in warning
+    assert "warning: alpha-crown failed on a batch of 4 (RuntimeError: The size of tensor a" in warning
     assert len(warning.strip().splitlines()) == 1
     # With CROWN first, its verdicts stand whatever alpha-CROWN does afterwards.
-    with_crown = certify_batch(model, bounder, x, y, box(x, 0.0005), list(range(4)),
-                               CascadeOptions(methods=("crown", "alpha-crown"), attack=False))
-    assert [v.verdict for v in with_crown] == [VERIFIED] * 4
+    with_crown = _SampleBatch(model, bounder, x, y, box(x, 0.0005), CascadeOptions(attack=False), 0)
+    stages.run_stages([stages.CROWN(), FailingAlphaCROWN()], with_crown)
+    assert with_crown.verdict == [VERIFIED] * 4
+
+
+def test_alpha_crown_bounds_a_max_pool_net_soundly_and_at_least_as_tight_as_crown(mnist_test):
+    """auto_LiRPA 0.3's own max-pool alpha cannot be built on this torch: the pooling keeps CROWN's
+    relaxation while the ReLU alphas are optimised (certify.bounds.compat)."""
+    model = conv_bn_maxpool()
+    x = mnist_test.x[:4].reshape(-1, 1, 28, 28)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    bounder = MarginBounder(model, (1, 28, 28))
+    lower, upper = box(x, 0.01)
+    crown = bounder.lower_margins(lower, upper, y, "crown")
+    alpha = bounder.lower_margins(lower, upper, y, "alpha-crown")
+    assert bool((alpha >= crown - 1e-5).all()) and bool((alpha > crown + 1e-4).any())
+    points = lower.unsqueeze(1) + torch.rand(4, 500, 1, 28, 28, generator=torch.Generator().manual_seed(0)) \
+        * (upper - lower).unsqueeze(1)
+    with torch.no_grad():
+        sampled = empirical_margins(model(points.reshape(-1, 1, 28, 28)), y.repeat_interleave(500)).view(4, 500, -1)
+    assert bool((alpha <= sampled.min(1).values + 1e-5).all())
 
 
 class RefusingBound(stages.Bound):

@@ -78,7 +78,8 @@ def _smart(bounding: ReluBounding, query, domains: DomainBatch, scores: torch.Te
     repeated = domains.select(torch.arange(n).repeat(k))
     flat = top.t().reshape(-1)
     layer, neuron = locate(domains, flat)
-    step = bounding.bound(query.lower, query.upper, query.c, children(repeated, layer, neuron), optimise=False)
+    step = bounding.bound(query.lower, query.upper, query.c, children(repeated, layer, neuron), optimise=False,
+                          ball=query.ball)
     value = (step.lower - query.d).amax(1)
     worse_child = torch.minimum(value[: n * k], value[n * k:]).view(k, n).t()
     worse_child = torch.where(torch.isfinite(top_scores), worse_child, torch.full_like(worse_child, -float("inf")))

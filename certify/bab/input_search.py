@@ -18,7 +18,8 @@ MAX_INPUT_DIMS = 10
 
 
 def input_split_applies(query: Query) -> bool:
-    return query.lower.numel() <= MAX_INPUT_DIMS
+    """Low-dimensional boxes only: the halves of a ball are not balls (an l2 query splits its ReLUs)."""
+    return query.ball is None and query.lower.numel() <= MAX_INPUT_DIMS
 
 
 def _values(bounder: MarginBounder, query: Query, lower: torch.Tensor, upper: torch.Tensor, method: str) -> torch.Tensor:

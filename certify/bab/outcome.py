@@ -1,9 +1,14 @@
 """What one branch-and-bound search is asked (a Query), under which limits, and what it answers.
 
-A query is one search tree: an input box and the rows g_r(x) = c_r . y(x) - d_r of ONE AND clause
-of the counterexample region (a robustness query against one competing class has one row, the
-margin). The region is empty over the box exactly when max_r g_r(x) > 0 for every x in the box:
-that is what the search proves (unsat), or it finds an x with every g_r(x) <= 0 (sat).
+A query is one search tree: an input region (a box, or an l2 ball) and the rows
+g_r(x) = c_r . y(x) - d_r of ONE AND clause of the counterexample region (a robustness query
+against one competing class has one row, the margin). The region is empty over the input region
+exactly when max_r g_r(x) > 0 for every x in it: that is what the search proves (unsat), or it
+finds an x with every g_r(x) <= 0 (sat).
+
+An l2 query (`ball` set) asks about the ball intersected with the box: the bounds hold on the
+whole ball (which contains the intersection, so an unsat answer is sound), and a counterexample
+must lie in both.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ class Query:
     # Whether a candidate input (*input_shape) is a real counterexample: in the box, and the ONNX
     # file's own output in the region. Only confirmed candidates are reported.
     confirm: Callable[[torch.Tensor], bool]
+    # (centre (1, *input_shape), radius): the region is this l2 ball within the box, and the box is
+    # then the ball's bounding box clipped to the input range. None: the region is the box.
+    ball: tuple[torch.Tensor, float] | None = None
 
 
 @dataclass

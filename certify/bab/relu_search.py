@@ -3,9 +3,9 @@
 Open domains live on the CPU with their value (the sound lower bound of max_r g_r on the domain)
 and the neuron chosen to split them. Each step takes the `batch` open domains of lowest value,
 bounds both children of all of them in one batched alpha-beta-CROWN call, drops the children whose
-value is > 0 (proved), and tries each remaining child's candidate counterexample: the box corner
-that each row's linear bound points to, checked by a forward pass and, before it counts, by the
-query's `confirm` (onnxruntime on the ONNX file). The tree is unsat when no domain stays open.
+value is > 0 (proved), and tries each remaining child's candidate counterexample: the point of the
+region (box corner, or l2 ball point) that each row's linear bound points to, checked by a forward
+pass and, before it counts, by the query's `confirm` (onnxruntime on the ONNX file). The tree is unsat when no domain stays open.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def bound_backing_off(bounding: ReluBounding, query: Query, domains: DomainBatch, limits: Limits) -> StepResult:
     """One step over `domains`; on out-of-memory the batch is halved (for the rest of the search too)."""
     try:
-        return bounding.bound(query.lower, query.upper, query.c, domains)
+        return bounding.bound(query.lower, query.upper, query.c, domains, ball=query.ball)
     except (RuntimeError, torch.OutOfMemoryError) as error:
         if not is_out_of_memory(error) or len(domains) == 1:
             raise
@@ -83,7 +83,7 @@ class _OpenDomains:
 def search_relu_splits(bounding: ReluBounding, module: torch.nn.Module, query: Query, limits: Limits) -> Outcome:
     """Branch and bound on the ReLUs of `bounding`'s model for one query (see the module docstring)."""
     start = limits.visited[0]
-    root_bound, root = bounding.root(query.lower, query.upper, query.c)
+    root_bound, root = bounding.root(query.lower, query.upper, query.c, ball=query.ball)
     value = float((root_bound - query.d).max())
     if value > 0:
         return Outcome(UNSAT, "bab", value, 0)

@@ -23,8 +23,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from certify.bounds.bounder import bound_lower, box_input
+from certify.bounds.bounder import bound_lower, box_input, float32_up, l2_ball_input
 from certify.bounds.compat import bounded_module
+
+# An l2 candidate is drawn this much inside the ball, so that float32 rounding keeps it there.
+_INSIDE_BALL = 1 - 1e-5
 
 
 @dataclass
@@ -57,7 +60,9 @@ class DomainBatch:
 class StepResult:
     lower: torch.Tensor            # (n, rows): lower bounds of g_r on each domain
     relu_coefficients: list[torch.Tensor]  # per layer (n, rows, neurons): d bound / d relu output
-    corners: torch.Tensor          # (n, rows, *input): the box corner each row's linear bound points to
+    # (n, rows, *input): the point of the region where each row's linear bound is lowest (a box
+    # corner; for a ball, the lowest point of the ball within the box)
+    corners: torch.Tensor
     alpha: list[torch.Tensor] | None = None  # per layer (n, 2, rows, neurons): the optimised alpha
 
 
@@ -78,19 +83,30 @@ class ReluBounding:
 
     @property
     def applicable(self) -> bool:
-        """Whether splitting applies: the net has ReLUs and no other optimisable relaxation. Max
-        pooling is one: auto_LiRPA 0.3's max-pool alpha fails to broadcast over a batch of
-        several domains (the verivital Convnet_maxpool benchmark), so such nets are not searched."""
+        """Whether splitting applies: the net has ReLUs and no other optimisable relaxation (Sigmoid,
+        Tanh, ...). Max pooling is not among those (certify.bounds.compat keeps its CROWN
+        relaxation fixed), so nets with max pooling are searched on their ReLUs."""
         return bool(self.relus) and not self.others
 
     def set_iterations(self, iterations: int) -> None:
         self.bounded.bound_opts["optimize_bound_args"]["iteration"] = iterations
 
-    def root(self, lower: torch.Tensor, upper: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, DomainBatch]:
-        """alpha-CROWN over the whole box: (lower bounds (rows,), the root domain)."""
+    def region(self, lower: torch.Tensor, upper: torch.Tensor, n: int, ball: tuple[torch.Tensor, float] | None):
+        """n copies of the query's region as auto_LiRPA's bounded input: the box, or the l2 ball
+        (radius rounded up to float32, so the ball bounded contains the one asked about)."""
+        if ball is None:
+            return box_input(lower.expand(n, *lower.shape[1:]).to(self.device),
+                             upper.expand(n, *upper.shape[1:]).to(self.device))
+        centre, radius = ball
+        radius = float(float32_up(torch.tensor([radius], dtype=torch.float64))[0])
+        return l2_ball_input(centre.float().expand(n, *centre.shape[1:]).to(self.device), radius)
+
+    def root(self, lower: torch.Tensor, upper: torch.Tensor, c: torch.Tensor, *,
+             ball: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, DomainBatch]:
+        """alpha-CROWN over the whole region: (lower bounds (rows,), the root domain)."""
         self._clear_splits()
         self._beta(False)
-        x = box_input(lower.to(self.device), upper.to(self.device))
+        x = self.region(lower, upper, 1, ball)
         bound = bound_lower(self.bounded, x, c.unsqueeze(0).to(self.device), "alpha-crown")
         pre = [relu.inputs[0] for relu in self.relus]
         lows = [node.lower.detach().reshape(1, -1).cpu() for node in pre]
@@ -100,11 +116,11 @@ class ReluBounding:
         return bound[0].cpu(), DomainBatch(lows, highs, splits)
 
     def bound(self, lower: torch.Tensor, upper: torch.Tensor, c: torch.Tensor, domains: DomainBatch,
-              *, optimise: bool = True) -> StepResult:
+              *, optimise: bool = True, ball: tuple[torch.Tensor, float] | None = None) -> StepResult:
         """Bounds of every row of c on each domain: alpha-beta-CROWN (`optimise`) or one CROWN pass
         with the same fixed intermediate bounds (the cheap look-ahead of smart branching)."""
         n, dev = len(domains), self.device
-        x = box_input(lower.expand(n, *lower.shape[1:]).to(dev), upper.expand(n, *upper.shape[1:]).to(dev))
+        x = self.region(lower, upper, n, ball)
         fixed = {relu.inputs[0].name: (low.to(dev).view(n, *shape), high.to(dev).view(n, *shape))
                  for relu, low, high, shape in zip(self.relus, domains.lower, domains.upper, self.shapes)}
         self._set_splits(domains.splits)
@@ -124,8 +140,7 @@ class ReluBounding:
         finally:
             options["init_alpha"] = True
         input_a = coefficients[final][root]["lA"].detach().reshape(n, c.shape[0], -1)
-        low, high = lower.reshape(1, 1, -1).to(dev), upper.reshape(1, 1, -1).to(dev)
-        corners = torch.where(input_a > 0, low, high).reshape(n, c.shape[0], *lower.shape[1:])
+        corners = _lowest_points(input_a, lower.to(dev), upper.to(dev), ball).reshape(n, c.shape[0], *lower.shape[1:])
         relu_a = [relu.lA.detach().reshape(c.shape[0], n, -1).transpose(0, 1).cpu() for relu in self.relus]
         self._clear_splits()
         return StepResult(bound.detach().cpu(), relu_a, corners.cpu(), self._alpha(n, c.shape[0]) if optimise else None)
@@ -171,3 +186,40 @@ class ReluBounding:
     def _clear_splits(self) -> None:
         for relu in self.relus:
             relu.sparse_beta = relu.sparse_beta_loc = relu.sparse_beta_sign = None
+
+
+def _lowest_points(input_a: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
+                   ball: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+    """(n, rows, inputs): where each linear bound a . x + b is lowest on the region. On a box, the
+    corner against the signs of a. On a ball within the box, the minimiser of a . x over their
+    intersection is x(t) = clip(centre - t a, box) for the largest t whose point stays in the ball
+    (its distance from the centre grows with t): found by bisection, or the box corner when the
+    whole box side is in the ball."""
+    low, high = lower.reshape(1, 1, -1), upper.reshape(1, 1, -1)
+    corner = torch.where(input_a > 0, low, high)
+    if ball is None:
+        return corner
+    centre, radius = ball
+    centre, radius = centre.reshape(1, 1, -1).to(input_a), radius * _INSIDE_BALL
+
+    def point(t: torch.Tensor) -> torch.Tensor:
+        return torch.maximum(torch.minimum(centre - t * input_a, high), low)
+
+    def inside(t: torch.Tensor) -> torch.Tensor:
+        return (point(t) - centre).norm(dim=2, keepdim=True) <= radius
+
+    # From t = radius / ||a|| (the ball's own lowest point, clipping only brings it closer), double
+    # t while the point stays inside, then bisect between the last t inside and the first outside.
+    low_t = radius / input_a.norm(dim=2, keepdim=True).clamp(min=1e-12)
+    high_t = low_t * 2
+    for _ in range(60):
+        grow = inside(high_t)
+        if not bool(grow.any()):
+            break
+        low_t, high_t = torch.where(grow, high_t, low_t), torch.where(grow, high_t * 2, high_t)
+    for _ in range(40):
+        middle = (low_t + high_t) / 2
+        ok = inside(middle)
+        low_t, high_t = torch.where(ok, middle, low_t), torch.where(ok, high_t, middle)
+    whole_side = (corner - centre).norm(dim=2, keepdim=True) <= radius
+    return torch.where(whole_side, corner, point(low_t))

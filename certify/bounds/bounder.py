@@ -58,7 +58,7 @@ def l2_ball_input(centre: torch.Tensor, eps: float):
     return auto_lirpa.BoundedTensor(centre, auto_lirpa.PerturbationLpNorm(norm=2.0, eps=eps))
 
 
-def _float32_up(values: torch.Tensor) -> torch.Tensor:
+def float32_up(values: torch.Tensor) -> torch.Tensor:
     """`values` in float32, each rounded up: a ball of the rounded radius contains the claimed one."""
     values = torch.as_tensor(values, dtype=torch.float64)
     rounded = values.float()
@@ -170,7 +170,7 @@ class MarginBounder:
         if l2_ball is None:
             x = box_input(x_lower.to(self.device, torch.float32), x_upper.to(self.device, torch.float32))
             return bound_lower(self.bounded, x, c, method)
-        centre, radii = l2_ball[0].to(self.device, torch.float32), _float32_up(l2_ball[1])
+        centre, radii = l2_ball[0].to(self.device, torch.float32), float32_up(l2_ball[1])
         lower = torch.empty(c.shape[:2], device=self.device)
         # auto_LiRPA 0.3's l2 IBP through a convolution takes one radius for the whole batch: one
         # call per distinct radius (the dataset cascade has one; a radius bisection has several).

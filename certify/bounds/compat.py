@@ -181,7 +181,7 @@ def bounded_module(module, example, **options):
     log.addFilter(collect)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return auto_lirpa.BoundedModule(module, example, **options)
+            return _max_pool_not_optimised(auto_lirpa.BoundedModule(module, example, **options))
     except NotImplementedError:
         if not unsupported:
             raise
@@ -190,6 +190,16 @@ def bounded_module(module, example, **options):
                         "LeakyReLU, Sigmoid, Tanh, GELU, SiLU, ELU, MaxPool, AvgPool, BatchNorm)") from None
     finally:
         log.removeFilter(collect)
+
+
+def _max_pool_not_optimised(bounded):
+    """`bounded` with max pooling left out of alpha-CROWN's optimisation: it keeps CROWN's own (sound)
+    relaxation while the other activations are optimised. auto_LiRPA 0.3's max-pool alpha fails to be
+    created on modern torch (a torch.Size inside its size list) and is shared by the whole batch, so
+    alpha-CROWN and branch and bound could not run on any net with max pooling."""
+    bounded.optimizable_activations = [node for node in bounded.optimizable_activations
+                                       if type(node).__name__ != "BoundMaxPool"]
+    return bounded
 
 
 def _register_activations(auto_LiRPA) -> None:

@@ -21,7 +21,7 @@ from torch import nn
 
 from certify.attacks.gradient import find_adversarial, margin
 from certify.bab.outcome import SAT, UNSAT, Limits, Query
-from certify.bab.search import NOT_APPLICABLE, SearchSummary, search_all
+from certify.bab.search import SearchSummary, search_all
 from certify.bounds.bounder import (METHODS, MarginBounder, empirical_margins,
                                     lower_bounds, margin_matrix)
 from certify.common.errors import UserError
@@ -183,26 +183,27 @@ class _SampleBatch:
 
     def _search(self, row: int) -> SearchSummary:
         """One tree per competing class whose margin is still open, lowest bound first."""
-        if self.l2_radii is not None:
-            return SearchSummary(UNKNOWN, None, None, 0, NOT_APPLICABLE + " (l2 region)")
         label, k = int(self.labels[row]), self.bounder.num_classes
         others = [j for j in range(k) if j != label]
         lower, upper = self.box[0][row:row + 1].float(), self.box[1][row:row + 1].float()
+        ball = None if self.l2_radii is None else (self.x[row:row + 1].float(), float(self.l2_radii[row]))
         columns = [col for col in torch.argsort(self.best[row]).tolist() if self.best[row, col] <= 0]
         queries = []
         for col in columns:
             c = torch.zeros(1, k)
             c[0, label], c[0, others[col]] = 1.0, -1.0
-            queries.append(Query(lower, upper, c, torch.zeros(1), lambda x, r=row: self._confirm(r, x)))
+            queries.append(Query(lower, upper, c, torch.zeros(1), lambda x, r=row: self._confirm(r, x), ball))
         summary = search_all(self.bounder, self.module, queries, self.options.bab_limits())
         for col, bound in zip(columns, summary.tree_bounds):
             self.best[row, col] = max(float(self.best[row, col]), bound)
         return summary
 
     def _confirm(self, row: int, x: torch.Tensor) -> bool:
-        """Whether x is a counterexample for this sample: in its box, and misclassified by the ONNX
-        file where the batch has it (else by the module)."""
+        """Whether x is a counterexample for this sample: in its box (and l2 ball), and misclassified
+        by the ONNX file where the batch has it (else by the module)."""
         if not bool(((x >= self.box[0][row]) & (x <= self.box[1][row])).all()):
+            return False
+        if self.l2_radii is not None and float((x.double() - self.x[row].double()).norm()) > float(self.l2_radii[row]):
             return False
         label = self.labels[row:row + 1]
         if self.file_outputs is not None:

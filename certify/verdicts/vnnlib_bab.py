@@ -18,6 +18,7 @@ import torch
 
 from certify.bab.outcome import Query
 from certify.bab.search import NOT_APPLICABLE, SearchSummary, search_all
+from certify.bounds.bounder import float32_up
 from certify.common.files import atomic_path
 from certify.specs.vnnlib_instances import read_instance_rows
 
@@ -42,11 +43,6 @@ def property_timeout(csv_timeout: float | None, option: float | None) -> float |
     return min(given) if given else None
 
 
-def _float32_up(values: torch.Tensor) -> torch.Tensor:
-    rounded = values.float()
-    return torch.where(rounded.double() < values, torch.nextafter(rounded, torch.tensor(float("inf"))), rounded)
-
-
 def search_property(batch, i: int, limits) -> SearchSummary:
     """Branch and bound of property i of a vnnlib_check property batch (its bounds already in `best`)."""
     region, state = batch.region, batch.state
@@ -65,7 +61,7 @@ def search_property(batch, i: int, limits) -> SearchSummary:
         c = region.c[i, k][rows]
         if not torch.equal(c.float().double(), c) or not bool(rows.any()):
             return SearchSummary(UNKNOWN, None, None, 0, NOT_APPLICABLE + " (coefficients not float32)")
-        queries.append(Query(lower, upper, c.float(), _float32_up(region.d[i, k][rows]),
+        queries.append(Query(lower, upper, c.float(), float32_up(region.d[i, k][rows]),
                              lambda x, i=i: confirm(batch, i, x)))
     summary = search_all(state.bounder, state.module, queries, limits)
     if summary.result == UNSAT and summary.lower_bound is not None:
