@@ -44,7 +44,7 @@ def main_command(
     norm: Optional[str] = typer.Option(None, "--norm", help="inf (l-infinity boxes, the default) or 2 (l2 balls of radius eps in pixel units)."),
     vnnlib: list[str] = typer.Option([], "--vnnlib", help="Check VNN-LIB properties instead: a .vnnlib file, a folder of them or a VNN-COMP instances.csv; repeat for several."),
     cex_dir: Optional[Path] = typer.Option(None, "--cex-dir", help="Folder for the counterexamples of sat properties (default: next to --json)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds of branch and bound per sample (per property with --vnnlib, capped by the instances.csv timeout column); adds bab to the default cascade."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="Seconds of branch and bound per sample (per property with --vnnlib, capped by what the instances.csv timeout column leaves after the bounds); adds bab to the default cascade."),
     max_domains: int = typer.Option(200_000, "--max-domains", help="Domains branch and bound may bound per sample or property."),
     branching: str = typer.Option("babsr", "--branching", help="Branch and bound's ReLU choice: babsr or fsb (filtered smart branching)."),
     results_dir: Optional[Path] = typer.Option(None, "--results-dir", help="With --vnnlib: write one VNN-COMP result file per property here (unsat / sat + assignment / timeout / unknown)."),

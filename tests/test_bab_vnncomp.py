@@ -79,6 +79,12 @@ def test_the_timeout_column_is_read_and_capped():
     assert property_timeout(None, 20.0) == 20.0
     assert property_timeout(120.0, None) == 120.0
     assert property_timeout(None, None) is None
+    # The row's timeout covers the stages before the search too; --timeout is the search's own.
+    assert property_timeout(120.0, None, spent=30.0) == 90.0
+    assert property_timeout(120.0, 100.0, spent=30.0) == 90.0
+    assert property_timeout(120.0, 20.0, spent=30.0) == 20.0
+    assert property_timeout(None, 20.0, spent=30.0) == 20.0
+    assert property_timeout(10.0, None, spent=30.0) == 0.0
     assert competition_verdict("unknown", {"reason": "timeout"}) == "timeout"
     assert competition_verdict("unknown", {"reason": "domain limit"}) == "unknown"
     assert competition_verdict("unknown", None) == "unknown"

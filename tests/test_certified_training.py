@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import onnx
 import pytest
 import torch
 from torch import nn
 from typer.testing import CliRunner
 
+from finetune_inputs import write_finetune_inputs  # tests/finetune_inputs.py
 from certify.attacks.gradient import PGD
 from certify.bounds.bounder import MarginBounder, empirical_margins
 from harden.cli import app
 from harden.io.bundle import Bundle
-from harden.io.bundle_file import load_bundle, save_bundle
+from harden.io.bundle_file import load_bundle
 from harden.io.export import export_onnx
 from harden.io.zoo import ARCHITECTURES
 from harden.layers.spectral import fold_batchnorm
@@ -164,11 +164,7 @@ def test_medium_cnn_folds_to_the_same_function():
 
 @pytest.fixture(scope="module")
 def cli_files(clean_cnn, mnist_train, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("certified_cli")
-    save_bundle(clean_cnn, folder / "model.safetensors")
-    data = mnist_train.subset(100)
-    np.savez(folder / "small.npz", x=(data.x.numpy()[:, 0] * 255).round().astype(np.uint8), y=data.y.numpy())
-    return folder
+    return write_finetune_inputs(clean_cnn, mnist_train, tmp_path_factory.mktemp("certified_cli"), 100)
 
 
 def test_finetune_help_says_which_objective_and_architecture_to_pick():

@@ -8,15 +8,14 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from finetune_inputs import write_finetune_inputs  # tests/finetune_inputs.py
 from harden.io.bundle import Bundle
-
-from harden.io.bundle_file import load_bundle, save_bundle
+from harden.io.bundle_file import load_bundle
 from harden.cli import app
 from harden.training.finetune import default_checkpoint
 from harden.io.zoo import small_cnn
@@ -32,10 +31,7 @@ def files(mnist_train, tmp_path_factory):
     torch.manual_seed(0)
     bundle = Bundle(small_cnn(), (1, 28, 28), 10, {"kind": "zoo", "name": "small-cnn"},
                     data={"dataset": "mnist", "classes": mnist_train.classes, "input_range": [0.0, 1.0]})
-    save_bundle(bundle, folder / "model.safetensors")
-    data = mnist_train.subset(300)
-    np.savez(folder / "small.npz", x=(data.x.numpy()[:, 0] * 255).round().astype(np.uint8), y=data.y.numpy())
-    return folder
+    return write_finetune_inputs(bundle, mnist_train, folder, 300)
 
 
 def free_port() -> int:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
+from finetune_inputs import write_finetune_inputs  # tests/finetune_inputs.py
 from certify.bounds.bounder import MarginBounder
 from certify.data.datasets import Dataset
 from harden.cli import app
@@ -227,11 +227,7 @@ def test_eps_ramp_shapes():
 
 @pytest.fixture(scope="module")
 def cli_files(base, mnist_train, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("cli")
-    save_bundle(base, folder / "model.safetensors")
-    data = mnist_train.subset(200)
-    np.savez(folder / "small.npz", x=(data.x.numpy()[:, 0] * 255).round().astype(np.uint8), y=data.y.numpy())
-    return folder
+    return write_finetune_inputs(base, mnist_train, tmp_path_factory.mktemp("cli"), 200)
 
 
 def run_cli(args: list[str]):

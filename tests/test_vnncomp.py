@@ -112,6 +112,37 @@ def test_alpha_crown_verifies_at_least_the_reference(crown_runs, folder):
         assert count >= reference, (onnx, count, reference)
 
 
+# Labels 1 at eps 0.05 on mnist-net_256x4: the 2021 majority says sat, but the net's margin is
+# nearly flat (about 1.0, gradient norm 0.05) over almost all of the box.
+FLAT_ROWS = ("prop_1_0.05.vnnlib", "prop_14_0.05.vnnlib")
+
+
+def test_output_diversified_restarts_falsify_the_flat_rows_plain_restarts_miss():
+    onnx, folder = VNNCOMP / "mnistfc" / "mnist-net_256x4.onnx", VNNCOMP / "mnistfc" / "vnnlib"
+    run = check_properties(onnx, [folder / name for name in FLAT_ROWS], methods=("ibp",), quiet=True)
+    assert [(p.result, p.method) for p in run.properties] == [(SAT, "pgd")] * 2
+    for p in run.properties:
+        _confirm_with_onnxruntime(p.onnx, p.vnnlib, p.x.double().flatten())
+
+    # The same budget of plain random restarts (no diversifying steps) stays on the flat slope.
+    from certify.attacks.gradient import search_box
+    from certify.verdicts.file_outputs import certified_module
+    from certify.onnx_import.certifiable import load_certifiable
+    from certify.specs.input_spec import InputSpec
+
+    model = load_certifiable(onnx)
+    module, _, _ = certified_module(onnx, model, InputSpec(), torch.device("cpu"))
+    for name in FLAT_ROWS:
+        prop = parse_vnnlib(folder / name)
+        lower, upper = (b.float().view(1, *model.input_shape) for b in (prop.lower, prop.upper))
+        clauses = torch.stack([clause.float() for clause, _ in prop.unsafe]).squeeze(1)  # one row per disjunct
+        objective = lambda y, rows: -(y @ clauses.t()).amin(1)  # d is 0: counterexample when some row <= 0
+        assert all(clause.shape[0] == 1 and float(dd.abs().max()) == 0 for clause, dd in prop.unsafe)
+        found = {steps: search_box(module, (lower + upper) / 2, lower, upper, objective, steps=50, restarts=5,
+                                   seed=0, inclusive=True, diversify_steps=steps)[0].item() for steps in (0, 2)}
+        assert found == {0: False, 2: True}, name
+
+
 def test_two_gloo_ranks_check_the_properties_of_one_process(tmp_path):
     """`torchrun -m certify --vnnlib`: the batches of properties are dealt out to the ranks and rank 0
     writes one report (and the counterexample) with the one-process verdicts."""

@@ -37,9 +37,12 @@ def instance_timeouts(targets: list[str | Path]) -> dict[tuple[Path, Path], floa
     return timeouts
 
 
-def property_timeout(csv_timeout: float | None, option: float | None) -> float | None:
-    """A row's own timeout, capped by --timeout where both are given."""
-    given = [t for t in (csv_timeout, option) if t is not None]
+def property_timeout(csv_timeout: float | None, option: float | None, spent: float = 0.0) -> float | None:
+    """Seconds of branch and bound for one property: --timeout, capped by what is left of the row's
+    own timeout after the `spent` seconds of the stages before (a competition timeout covers the
+    whole property, not only the search)."""
+    left = None if csv_timeout is None else max(csv_timeout - spent, 0.0)
+    given = [t for t in (left, option) if t is not None]
     return min(given) if given else None
 
 
@@ -73,7 +76,8 @@ def search_property(batch, i: int, limits) -> SearchSummary:
 def branch_and_bound(batch, rows: torch.Tensor) -> None:
     """The "bab" stage on the open properties `rows` of a vnnlib_check property batch."""
     for i in rows.tolist():
-        options = replace(batch.options, timeout=property_timeout(batch.timeouts[i], batch.options.timeout))
+        seconds = property_timeout(batch.timeouts[i], batch.options.timeout, spent=float(batch.cost[i]))
+        options = replace(batch.options, timeout=seconds)
         summary = search_property(batch, i, options.bab_limits())
         batch.bab[i] = summary.to_json()
         if summary.result == UNSAT:
