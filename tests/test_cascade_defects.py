@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from certify.attacks.gradient import DIVERSIFY_STEPS
 from certify.bounds.bounder import MarginBounder
 from certify.data.datasets import load_dataset
 from certify.onnx_import.certifiable import load_certifiable
@@ -46,18 +47,18 @@ def test_every_attack_restart_starts_at_its_own_point():
     options = CascadeOptions(methods=(), attack_steps=steps, attack_restarts=3, seed=5)
     verdicts = certify_batch(recorder, MarginBounder(net, (1, 6)), x, y, box, [0, 1], options)
     assert [v.verdict for v in verdicts] == ["unknown", "unknown"]
-    # forwards: the clean prediction, then steps + 1 per restart (restart 1 from the clean image,
-    # restarts 2 and 3 from random points of the box)
-    seen = recorder.seen
-    assert len(seen) == 1 + 3 * (steps + 1)
-    starts = [seen[1], seen[2 + steps], seen[3 + 2 * steps]]
+    # forwards: the clean prediction, then steps + 1 per restart: restart 1 from the clean image,
+    # restarts 2 and 3 from random points of the box, each first diversified (DIVERSIFY_STEPS more)
+    seen, random_restart = recorder.seen, DIVERSIFY_STEPS + steps + 1
+    assert len(seen) == 1 + (steps + 1) + 2 * random_restart
+    starts = [seen[1], seen[2 + steps], seen[2 + steps + random_restart]]
     assert torch.equal(starts[0], torch.minimum(torch.maximum(x, box[0]), box[1]))
     for a in range(3):
         for b in range(a + 1, 3):
             for i in range(2):
                 assert not torch.equal(starts[a][i], starts[b][i]), (a, b, i)
-    for start in starts[1:]:
-        assert ((start >= box[0]) & (start <= box[1])).all()
+    for point in seen[1:]:
+        assert ((point >= box[0]) & (point <= box[1])).all()
 
 
 def _verdict(verdict: str, method: str, bound: float) -> Verdict:

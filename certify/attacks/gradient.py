@@ -287,13 +287,15 @@ DIVERSIFY_STEPS = 2
 def search_box(model: nn.Module, start: torch.Tensor, lower: torch.Tensor, upper: torch.Tensor,
                objective, *, steps: int, restarts: int, seed: int, step_size: float | None = None,
                inclusive: bool = False, l2_ball: tuple[torch.Tensor, torch.Tensor] | None = None,
-               diversify_steps: int = DIVERSIFY_STEPS) -> tuple[torch.Tensor, torch.Tensor]:
+               diversify_steps: int = DIVERSIFY_STEPS,
+               random_start: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The one PGD inside per-sample boxes: sign-gradient ascent of `objective(outputs, rows)` (one
     value per row; `rows` index the batch) until it is > 0 (>= 0 when `inclusive`).
 
     Returns (found, x): found[i] when the search saw a hit at x[i] (the caller confirms it), x[i]
     inside its box (the last iterate where none was found). The first restart starts at `start`
-    clipped into the box, later ones uniformly at random (seeded by `seed`), each then diversified by
+    clipped into the box, later ones uniformly at random (seeded by `seed`); each random start (and
+    `start` too when the caller drew it at random: `random_start`) is then diversified by
     `diversify_steps` output-diversifying steps (see DIVERSIFY_STEPS). The step is per
     coordinate, 2.5 * half-width / steps unless `step_size` is given, so boxes of uneven widths are
     searched evenly. A sample stops as soon as it is hit; a point box is checked once, never stepped.
@@ -328,6 +330,8 @@ def search_box(model: nn.Module, start: torch.Tensor, lower: torch.Tensor, upper
             lo, hi, size = lower[todo], upper[todo], step[todo]
             if restart == 0:
                 x = x_adv[todo]
+                if random_start:
+                    x = _diversify(model, x, todo, wide_step[todo], project, ascent, generator, diversify_steps)
             else:
                 x = lo + torch.rand(lo.shape, generator=generator, dtype=start.dtype).to(start.device) * (hi - lo)
                 if l2_ball is not None:
@@ -374,14 +378,15 @@ def _l2_projection(centre: torch.Tensor, radii: torch.Tensor, lower: torch.Tenso
 
 def find_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, x_lower: torch.Tensor,
                      x_upper: torch.Tensor, *, steps: int = 50, restarts: int = 5, step_size: float | None = None,
-                     seed: int = 0,
-                     l2_ball: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     seed: int = 0, l2_ball: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     random_start: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Search the per-sample box [x_lower, x_upper] for misclassified points (`search_box` on the
     margin loss).
 
     Returns (found, x_adv): found[i] is True only when a plain eval-mode forward pass confirms that
     x_adv[i] is misclassified, and every x_adv[i] lies inside its box. The first restart starts from
-    the image clipped into the box, later ones uniformly at random (seeded by `seed`). With
+    the image clipped into the box, later ones uniformly at random (seeded by `seed`); with `images` a
+    random point and `random_start`, the first restart is diversified like the later ones. With
     `l2_ball` = (centres, radii) the search is PGD-l2 in each ball intersected with its box, and
     found[i] also requires x_adv[i] to lie in its ball.
     """
@@ -398,7 +403,8 @@ def find_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     if l2_ball is not None:
         l2_ball = (l2_ball[0].detach().to(images), torch.as_tensor(l2_ball[1], dtype=torch.float64).to(images.device))
     found, x_adv = search_box(model, images, lower, upper, lambda logits, rows: margin(logits, labels[rows]),
-                              steps=steps, restarts=restarts, seed=seed, step_size=step_size, l2_ball=l2_ball)
+                              steps=steps, restarts=restarts, seed=seed, step_size=step_size, l2_ball=l2_ball,
+                              random_start=random_start)
     # Trust nothing the search loop saw: re-check every hit with a plain forward pass.
     with model_mode(model), torch.no_grad():
         hits = found.nonzero().squeeze(1)

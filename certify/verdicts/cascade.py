@@ -154,7 +154,7 @@ class _SampleBatch:
         start = self.x[rows] if attempt == 0 else lo + torch.rand(lo.shape, generator=generator(start_seed)) * (hi - lo)
         found, x_adv = find_adversarial(self.module, start.to(device), self.labels[rows].to(device), lo.to(device),
                                         hi.to(device), steps=self.options.attack_steps, restarts=restarts,
-                                        seed=restart_seed, l2_ball=self.l2_ball(rows))
+                                        seed=restart_seed, l2_ball=self.l2_ball(rows), random_start=attempt > 0)
         found = found.cpu()
         if self.file_outputs is not None:
             # Reported falsified only where the file's own output is misclassified too.

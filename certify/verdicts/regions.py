@@ -94,4 +94,5 @@ def find_in_region(module: nn.Module, lower: torch.Tensor, upper: torch.Tensor, 
         noise = torch.rand(lower.shape, generator=generator(seed, 0), dtype=lower.dtype).to(lower.device)
         start = lower + noise * (upper - lower)
     return search_box(module, start, lower, upper, lambda y, rows: -region.subset(rows).objective(y),
-                      steps=steps, restarts=restarts, seed=stream_seed(seed, 1), inclusive=True)
+                      steps=steps, restarts=restarts, seed=stream_seed(seed, 1), inclusive=True,
+                      random_start=not from_centre)
