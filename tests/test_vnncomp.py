@@ -117,30 +117,40 @@ def test_alpha_crown_verifies_at_least_the_reference(crown_runs, folder):
 FLAT_ROWS = ("prop_1_0.05.vnnlib", "prop_14_0.05.vnnlib")
 
 
-def test_output_diversified_restarts_falsify_the_flat_rows_plain_restarts_miss():
-    onnx, folder = VNNCOMP / "mnistfc" / "mnist-net_256x4.onnx", VNNCOMP / "mnistfc" / "vnnlib"
-    run = check_properties(onnx, [folder / name for name in FLAT_ROWS], methods=("ibp",), quiet=True)
-    assert [(p.result, p.method) for p in run.properties] == [(SAT, "pgd")] * 2
-    for p in run.properties:
-        _confirm_with_onnxruntime(p.onnx, p.vnnlib, p.x.double().flatten())
-
-    # The same budget of plain random restarts (no diversifying steps) stays on the flat slope.
+def test_diversified_starts_reach_counterexamples_plain_random_starts_miss():
     from certify.attacks.gradient import search_box
-    from certify.verdicts.file_outputs import certified_module
     from certify.onnx_import.certifiable import load_certifiable
     from certify.specs.input_spec import InputSpec
+    from certify.verdicts.file_outputs import certified_module
 
+    onnx = VNNCOMP / "mnistfc" / "mnist-net_256x4.onnx"
     model = load_certifiable(onnx)
     module, _, _ = certified_module(onnx, model, InputSpec(), torch.device("cpu"))
+    starts = 32
     for name in FLAT_ROWS:
-        prop = parse_vnnlib(folder / name)
-        lower, upper = (b.float().view(1, *model.input_shape) for b in (prop.lower, prop.upper))
-        clauses = torch.stack([clause.float() for clause, _ in prop.unsafe]).squeeze(1)  # one row per disjunct
-        objective = lambda y, rows: -(y @ clauses.t()).amin(1)  # d is 0: counterexample when some row <= 0
-        assert all(clause.shape[0] == 1 and float(dd.abs().max()) == 0 for clause, dd in prop.unsafe)
-        found = {steps: search_box(module, (lower + upper) / 2, lower, upper, objective, steps=50, restarts=5,
-                                   seed=0, inclusive=True, diversify_steps=steps)[0].item() for steps in (0, 2)}
-        assert found == {0: False, 2: True}, name
+        prop = parse_vnnlib(VNNCOMP / "mnistfc" / "vnnlib" / name)
+        assert all(clause.shape[0] == 1 and float(d.abs().max()) == 0 for clause, d in prop.unsafe)
+        clauses = torch.cat([clause.float() for clause, _ in prop.unsafe])  # one row per disjunct, d = 0
+        lower, upper = (b.float().view(1, *model.input_shape).expand(starts, *model.input_shape)
+                        for b in (prop.lower, prop.upper))
+        random_points = lower + torch.rand(lower.shape, generator=torch.Generator().manual_seed(0)) * (upper - lower)
+        hits = {}
+        for steps in (0, 2):  # the same 32 random starts, 50 PGD steps each, with and without diversifying
+            found, x = search_box(module, random_points, lower, upper, lambda y, rows: -(y @ clauses.t()).amin(1),
+                                  steps=50, restarts=1, seed=0, inclusive=True, diversify_steps=steps,
+                                  random_start=True)
+            assert ((x >= lower) & (x <= upper)).all()
+            hits[steps] = int(found.sum())
+        assert hits[0] == 0 and hits[2] >= 2, (name, hits)
+
+
+def test_branch_and_bound_attacks_longer_first_and_finds_the_flat_counterexamples():
+    folder = VNNCOMP / "mnistfc" / "vnnlib"
+    run = check_properties(VNNCOMP / "mnistfc" / "mnist-net_256x4.onnx", [folder / name for name in FLAT_ROWS],
+                           methods=("ibp", "bab"), timeout=30, quiet=True, batch_size=1)
+    assert [p.result for p in run.properties] == [SAT, SAT]
+    for p in run.properties:
+        _confirm_with_onnxruntime(p.onnx, p.vnnlib, p.x.double().flatten())
 
 
 def test_two_gloo_ranks_check_the_properties_of_one_process(tmp_path):
