@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     started = time.perf_counter()
     models, rows = [], {}
+    models_wanted = None if args.models is None else set(args.models.split(","))
     for family in args.families.split(","):
         folder = args.vnncomp / family
-        models_wanted = None if args.models is None else set(args.models.split(","))
         default = run_family(folder, METHODS, None, args.limit, models_wanted)
         with_bab = run_family(folder, METHODS + ("bab",), args.timeout, args.limit, models_wanted)
         if not with_bab:

@@ -330,12 +330,11 @@ def search_box(model: nn.Module, start: torch.Tensor, lower: torch.Tensor, upper
             lo, hi, size = lower[todo], upper[todo], step[todo]
             if restart == 0:
                 x = x_adv[todo]
-                if random_start:
-                    x = _diversify(model, x, todo, wide_step[todo], project, ascent, generator, diversify_steps)
             else:
                 x = lo + torch.rand(lo.shape, generator=generator, dtype=start.dtype).to(start.device) * (hi - lo)
                 if l2_ball is not None:
                     x = project(x, todo)
+            if restart > 0 or random_start:
                 x = _diversify(model, x, todo, wide_step[todo], project, ascent, generator, diversify_steps)
             active = torch.arange(todo.numel(), device=start.device)
             # steps + 1 forward passes: the last one only checks the final iterate.
