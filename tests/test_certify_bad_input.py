@@ -333,12 +333,12 @@ OUTPUT_CASES = {
 
 OPTION_CASES = {
     name: _args_case([*_DATASET, *args, "--json", "r.json"], expected) for name, (args, expected) in {
-        "mean-nan": (["--mean", "nan"], "--mean nan is not a finite number"),
+        "mean-nan": (["--mean", "nan"], "--mean nan has a value that is not a finite number"),
         "std-zero": (["--std", "0"], "--std 0 has a value <= 0"),
         "std-negative": (["--std", "-0.3"], "has a value <= 0"),
-        "std-nan": (["--std", "nan"], "--std nan is not a finite number"),
+        "std-nan": (["--std", "nan"], "--std nan has a value that is not a finite number"),
         "mean-not-numbers": (["--mean", "a,b"], "is not a comma-separated list of numbers"),
-        "mean-wrong-channels": (["--mean", "0.1,0.2,0.3"], "--mean gives 3 values for a model with 1 input channel"),
+        "mean-wrong-channels": (["--mean", "0.1,0.2,0.3"], "--mean 0.1,0.2,0.3 gives 3 values, the model's input has 1 channel"),
         "eps-negative": (["--eps", "-0.1"], "eps -0.1 is out of range"),
         "eps-nan": (["--eps", "nan"], "eps nan is out of range"),
         "eps-inf": (["--eps", "inf"], "eps inf is out of range"),

@@ -333,7 +333,7 @@ EXPORT_BAD = [
     (["--std", "inf"], "--std inf has a value that is not a finite number"),
     (["--mean", "nan"], "--mean nan has a value that is not a finite number"),
     (["--mean", "abc"], "--mean 'abc' is not a comma-separated list of numbers"),
-    (["--mean", "0.1,0.2", "--std", "0.3"], "--mean gives 2 value(s) but --std gives 1"),
+    (["--mean", "0.1,0.2", "--std", "0.3,0.3,0.3"], "--mean/--std gives 2 means but 3 standard deviations"),
     (["--data", "no-such-dataset"], "unknown dataset"),
 ]
 INSPECT_BAD = [
@@ -378,7 +378,7 @@ def test_usage_errors_are_one_line_too(args, message, files, tmp_path, refused):
     ("finetune", ["--train", "pgd", "--eps", "1.5"], "larger than the whole input range"),
     ("finetune", ["--train", "pgd", "--eps", "9", "--norm", "2"], "larger than the whole input range"),
     ("prune", ["--train", "pgd", "--eps", "1.5"], "larger than the whole input range"),
-    ("export", ["--mean", "0.1,0.2,0.3", "--std", "0.2,0.2,0.2"], "gives 3 values, the model's input has 1 channel"),
+    ("export", ["--mean", "0.1,0.2,0.3", "--std", "0.2,0.2,0.2"], "--mean 0.1,0.2,0.3 gives 3 values, the model's input has 1 channel"),
     ("export", ["--std", "0.2,0.3"], "--std 0.2,0.3 gives 2 values, the model's input has 1 channel"),
 ])
 def test_bad_value_for_this_model(command, extra, message, files, tmp_path, refused):
@@ -386,7 +386,7 @@ def test_bad_value_for_this_model(command, extra, message, files, tmp_path, refu
 
 
 def test_one_normalization_value_is_broadcast_to_every_channel():
-    from harden.io.export import check_normalization
+    from certify.specs.input_spec import check_normalization
 
     check_normalization([0.5], [0.25], (3, 32, 32))              # one value for all three channels
     check_normalization([0.4, 0.5, 0.6], [0.2, 0.2, 0.2], (3, 32, 32))

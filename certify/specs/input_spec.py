@@ -78,25 +78,33 @@ class Normalize(nn.Module):
 
 def check_normalization(mean: list[float] | None, std: list[float] | None,
                         input_shape: tuple[int, ...] | None = None, *, source: str = "--mean/--std") -> None:
-    """Finite means, finite positive stds, and one value or one per input channel (when the
-    per-sample input shape is known); a UserError naming `source` otherwise."""
-    for name, values in (("mean", mean), ("std", std)):
-        if values is None:
-            continue
+    """The input normalization (x - mean) / std, as harden records it and certify applies it: finite
+    means, finite positive stds, and one value (broadcast to every channel) or one per input channel.
+    Without `input_shape` the channel count is not known, so only two lists that cannot both fit one
+    model (two lengths, neither of them 1) are refused. A UserError naming `source` otherwise."""
+    given = {name: values for name, values in (("mean", mean), ("std", std)) if values is not None}
+    for name, values in given.items():
         label = f"--{name}" if source == "--mean/--std" else f"{source} {name}"
+        example = "0.1307" if name == "mean" else "0.3081"
         if len(values) == 0:
-            raise UserError(f"{label} gives no values", "give one value, or one per channel")
-        if not all(math.isfinite(v) for v in values):
-            raise UserError(f"{label} {_numbers(values)} is not a finite number", "give finite numbers, e.g. 0.1307")
+            raise UserError(f"{label} gives no values", f"give one value, or one per channel, e.g. --{name} {example}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise UserError(f"{label} {_numbers(values)} has a value that is not a finite number",
+                            f"give finite numbers, e.g. --{name} {example}")
         if name == "std" and any(v <= 0 for v in values):
-            raise UserError(f"{label} {_numbers(values)} has a value <= 0", "give positive standard deviations")
+            raise UserError(f"{label} {_numbers(values)} has a value <= 0 (the inputs would be divided by it)",
+                            "give positive standard deviations, e.g. --std 0.3081")
     if input_shape is not None:
-        channels = input_shape[0] if len(input_shape) >= 3 else 1
-        for name, values in (("mean", mean), ("std", std)):
-            if values is not None and len(values) not in (1, channels):
+        channels = int(input_shape[0]) if len(input_shape) >= 3 else 1
+        for name, values in given.items():
+            if len(values) not in (1, channels):
                 label = f"--{name}" if source == "--mean/--std" else f"{source} {name}"
-                raise UserError(f"{label} gives {len(values)} values for a model with {channels} input channel(s) "
-                                f"(input shape {list(input_shape)})", "give one value, or one per channel")
+                raise UserError(f"{label} {_numbers(values)} gives {len(values)} values, the model's input has "
+                                f"{channels} channel(s) (input shape {list(input_shape)})",
+                                f"give one value per channel ({channels}), or one value for all of them")
+    elif mean is not None and std is not None and 1 not in (len(mean), len(std)) and len(mean) != len(std):
+        raise UserError(f"{source} gives {len(mean)} means but {len(std)} standard deviations",
+                        "give one value per channel for both, or one value for all channels")
 
 
 def _numbers(values: list[float]) -> str:

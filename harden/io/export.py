@@ -22,6 +22,7 @@ from torch.nn.utils import parametrize
 from certify.common.errors import UserError
 from certify.common.files import atomic_path
 from certify.onnx_import.parity import onnxruntime_logits, onnxruntime_session
+from certify.specs.input_spec import check_normalization
 from harden.io.bundle import Bundle
 
 OPSET = 17
@@ -93,35 +94,6 @@ def certification_metadata(bundle: Bundle) -> dict[str, str]:
         "harden.recipe": json.dumps(bundle.recipe),
         "harden.source": json.dumps(bundle.source),
     }
-
-
-def check_normalization(mean: list[float] | None, std: list[float] | None,
-                        input_shape: tuple[int, ...] | None = None) -> None:
-    """The input normalization (x - mean) / std to record: finite values, std > 0, as many means
-    as stds, and one value per input channel -- or ONE value, which is broadcast to every channel
-    (as certify applies it). Without `input_shape` the channel count is not checked."""
-    import math
-
-    channels = None
-    if input_shape is not None:
-        channels = int(input_shape[0]) if len(input_shape) >= 3 else 1
-    for option, values in (("--mean", mean), ("--std", std)):
-        if values is None:
-            continue
-        shown = ",".join(f"{v:g}" for v in values)
-        if not values:
-            raise UserError(f"{option} gives no value", f"e.g. {option} 0.1307")
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
-            raise UserError(f"{option} {shown} has a value that is not a finite number", f"e.g. {option} 0.1307")
-        if option == "--std" and any(v <= 0 for v in values):
-            raise UserError(f"--std {shown} has a value <= 0 (the inputs would be divided by it)",
-                            "give positive standard deviations, e.g. --std 0.3081")
-        if channels is not None and len(values) not in (1, channels):
-            raise UserError(f"{option} {shown} gives {len(values)} values, the model's input has {channels} channel(s)",
-                            f"give one value per channel ({channels}), or one value for all of them")
-    if mean is not None and std is not None and len(mean) != len(std):
-        raise UserError(f"--mean gives {len(mean)} value(s) but --std gives {len(std)}",
-                        "give as many means as standard deviations (one per channel, or one for all)")
 
 
 def export_onnx(bundle: Bundle, output: str | Path, *, deterministic: bool = True,

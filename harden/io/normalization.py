@@ -28,7 +28,7 @@ def take_normalization(bundle: Bundle, mean: list[float] | None, std: list[float
     """Record --mean/--std in `bundle` (checked against its input channels), or refuse them in one
     line when the bundle already fixes another normalization: a recorded one, or none at all for a
     model that harden has trained on raw pixels."""
-    from harden.io.export import check_normalization
+    from certify.specs.input_spec import check_normalization
 
     check_normalization(mean, std, tuple(bundle.input_shape))
     if mean is None and std is None:
@@ -79,7 +79,7 @@ def _same(a: tuple[list[float], list[float]], b: tuple[list[float], list[float]]
 def parse_normalization(mean: str | None, std: str | None) -> tuple[list[float] | None, list[float] | None]:
     """--mean/--std as given on the command line, checked for everything but the model's channels."""
     from certify.common.cli import parse_floats
-    from harden.io.export import check_normalization
+    from certify.specs.input_spec import check_normalization
 
     means, stds = parse_floats(mean, "--mean"), parse_floats(std, "--std")
     check_normalization(means, stds)
