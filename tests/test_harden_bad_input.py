@@ -390,6 +390,8 @@ def test_one_normalization_value_is_broadcast_to_every_channel():
 
     check_normalization([0.5], [0.25], (3, 32, 32))              # one value for all three channels
     check_normalization([0.4, 0.5, 0.6], [0.2, 0.2, 0.2], (3, 32, 32))
+    check_normalization([0.4, 0.5, 0.6], [0.2], (3, 32, 32))     # per-channel means, one std for all
+    check_normalization([0.4, 0.5, 0.6], [0.2])                  # channels unknown: can fit a 3-channel model
     with pytest.raises(UserError, match="gives 2 values"):
         check_normalization([0.4, 0.5], [0.2, 0.2], (3, 32, 32))
 

@@ -83,8 +83,9 @@ def check_normalization(mean: list[float] | None, std: list[float] | None,
     Without `input_shape` the channel count is not known, so only two lists that cannot both fit one
     model (two lengths, neither of them 1) are refused. A UserError naming `source` otherwise."""
     given = {name: values for name, values in (("mean", mean), ("std", std)) if values is not None}
+    labels = {name: f"--{name}" if source == "--mean/--std" else f"{source} {name}" for name in given}
     for name, values in given.items():
-        label = f"--{name}" if source == "--mean/--std" else f"{source} {name}"
+        label = labels[name]
         example = "0.1307" if name == "mean" else "0.3081"
         if len(values) == 0:
             raise UserError(f"{label} gives no values", f"give one value, or one per channel, e.g. --{name} {example}")
@@ -98,8 +99,7 @@ def check_normalization(mean: list[float] | None, std: list[float] | None,
         channels = int(input_shape[0]) if len(input_shape) >= 3 else 1
         for name, values in given.items():
             if len(values) not in (1, channels):
-                label = f"--{name}" if source == "--mean/--std" else f"{source} {name}"
-                raise UserError(f"{label} {_numbers(values)} gives {len(values)} values, the model's input has "
+                raise UserError(f"{labels[name]} {_numbers(values)} gives {len(values)} values, the model's input has "
                                 f"{channels} channel(s) (input shape {list(input_shape)})",
                                 f"give one value per channel ({channels}), or one value for all of them")
     elif mean is not None and std is not None and 1 not in (len(mean), len(std)) and len(mean) != len(std):
