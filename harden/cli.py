@@ -231,15 +231,17 @@ def finetune(
     """Adversarial (fgm, pgd, trades) or certified (ibp, crown-ibp, mtl-ibp, exp-mtl-ibp, sabr) fine-tuning; runs unchanged under torchrun.
 
     Which to pick (MNIST-like data, linf; train at a slightly larger --eps than you certify):
-    mtl-ibp or sabr with --steps 3 and --shi-recipe on small-cnn-bn when training from scratch (a fine-tuned
-    model keeps its weights without --shi-recipe). Measured on MNIST, 10k test images, verified by the full
-    cascade: eps 0.1 with 30 minutes of training, mtl-ibp 98.4% clean / 97.0% verified (certify --timeout 10 adds branch and bound), sabr
-    98.6% / 96.8%, plain ibp on small-cnn 98.4% / 95.6%; eps 0.3 with 60 minutes, mtl-ibp 89.9% verified,
-    sabr --sabr-shrink 0.6 88.0%, plain ibp 84.5% (by IBP and CROWN; it overfits when run long; with only
-    15 minutes plain ibp on small-cnn led, 86.2%). ibp has the cheapest step: with only minutes to train
-    it can lead. medium-cnn-bn is the papers' net for longer runs (not measured here). crown-ibp gives
-    tighter bounds while eps ramps, at about twice an mtl-ibp step (30 minutes at eps 0.1: 95.9%). The default eps ramp, lr decay and gradient clip are set from the run's
-    steps; benchmarks/certified_training.py compares them all under one time budget.
+    mtl-ibp or sabr with --steps 3 and --shi-recipe on small-cnn-bn when training from scratch (a
+    fine-tuned model keeps its weights without --shi-recipe). Measured on MNIST, 10k test images,
+    verified by the full cascade: eps 0.1 with 30 minutes of training, mtl-ibp 98.4% clean / 97.0%
+    verified (certify --timeout 10 adds branch and bound), sabr 98.6% / 96.8%, plain ibp on small-cnn
+    98.4% / 95.6%; eps 0.3 with 60 minutes, mtl-ibp 89.9% verified, sabr --sabr-shrink 0.6 88.0%,
+    plain ibp 84.5% (by IBP and CROWN; it overfits when run long; with only 15 minutes plain ibp on
+    small-cnn led, 86.2%). ibp has the cheapest step: with only minutes to train it can lead.
+    medium-cnn-bn is the papers' net for longer runs (not measured here). crown-ibp gives tighter
+    bounds while eps ramps, at about twice an mtl-ibp step (30 minutes at eps 0.1: 95.9%). The
+    default eps ramp, lr decay and gradient clip are set from the run's steps;
+    benchmarks/certified_training.py compares them all under one time budget.
     """
     from harden.io.bundle_file import save_bundle
     from certify.bounds.compat import require_auto_lirpa
