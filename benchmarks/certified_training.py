@@ -110,9 +110,10 @@ def one_run(setting: tuple[str, float], objective: str, recipe: bool, args, data
         torch.manual_seed(args.seed)
         return Bundle(ARCHITECTURES[arch](), (1, 28, 28), 10, {"kind": "zoo", "name": arch}, data=dict(meta))
 
-    config = FinetuneConfig(train=objective, eps=TRAIN_EPS.get(eps, 1.2 * eps), lr=args.lr, batch_size=args.batch_size,
+    train_eps = args.train_eps if args.train_eps is not None else TRAIN_EPS.get(eps, 1.2 * eps)
+    config = FinetuneConfig(train=objective, eps=train_eps, lr=args.lr, batch_size=args.batch_size,
                             seed=args.seed, steps=args.attack_steps, eps_schedule="smooth", shi_recipe=recipe,
-                            sabr_shrink=args.sabr_shrink)
+                            sabr_shrink=args.sabr_shrink, ibp_weight=args.ibp_weight)
     step_seconds = seconds_per_step(make_bundle, config, train)
     config, train_part = budgeted(config, step_seconds, args.train_seconds, train)
     bundle = make_bundle()
@@ -134,6 +135,7 @@ def one_run(setting: tuple[str, float], objective: str, recipe: bool, args, data
                      seed=args.seed, quiet=args.quiet)
     row = {"dataset": dataset, "eps": eps, "train_eps": config.eps, "objective": objective, "recipe": recipe,
            **({"sabr_shrink": config.sabr_shrink} if objective == "sabr" else {}),
+           **({"ibp_weight": config.ibp_weight} if "mtl-ibp" in objective else {}),
            "arch": arch, "epochs": config.epochs, "train_samples": len(train_part),
            "steps": record["step_plan"]["total_steps"], "step_plan": record["step_plan"],
            "seconds_per_step": round(step_seconds, 4), "train_seconds": train_seconds, "model": saved, "cascade": result}
@@ -163,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--attack-steps", type=int, default=3, help="PGD steps of mtl-ibp and sabr")
     parser.add_argument("--sabr-shrink", type=float, default=0.4,
                         help="sabr's small box as a share of eps (Mueller et al. use 0.4 at MNIST 0.1, 0.6 at 0.3)")
+    parser.add_argument("--ibp-weight", type=float, default=0.5,
+                        help="mtl-ibp / exp-mtl-ibp: weight of the IBP loss (De Palma et al. use 0.5 or less)")
+    parser.add_argument("--train-eps", type=float, default=None,
+                        help="eps to train at (default: a little above the certified eps, 0.15 for 0.1, 0.35 for 0.3)")
     parser.add_argument("--test-limit", type=int, default=1000, help="first N test images")
     parser.add_argument("--methods", default="ibp,crown", help="bound methods of the cascade, in order")
     parser.add_argument("--certify-batch", type=int, default=200)
@@ -198,13 +204,14 @@ def main(argv: list[str] | None = None) -> dict:
     return finish(document, args.json, show)
 
 
-COLUMNS = ("data", "eps", "objective", "recipe", "arch", "epochs", "steps", "clean %", "PGD %", "verified %",
+COLUMNS = ("data", "eps", "train eps", "objective", "recipe", "arch", "epochs", "steps", "clean %", "PGD %", "verified %",
            "train s", "certify s")
 
 
 def cells(row: dict) -> list[str]:
     c = row["cascade"]
-    return [row["dataset"], f"{row['eps']:g}", row["objective"], "yes" if row["recipe"] else "no", row["arch"],
+    objective = row["objective"] + (f" (IBP weight {row['ibp_weight']:g})" if "ibp_weight" in row else "")
+    return [row["dataset"], f"{row['eps']:g}", f"{row['train_eps']:g}", objective, "yes" if row["recipe"] else "no", row["arch"],
             str(row["epochs"]), str(row["steps"]), f"{100 * c['clean_accuracy']:.2f}", f"{100 * c['pgd_accuracy']:.2f}",
             f"{100 * c['verified_accuracy']:.2f}", f"{row['train_seconds']:.0f}", f"{c['seconds']:.0f}"]
 
