@@ -238,10 +238,11 @@ def finetune(
     98.4% / 95.6%; eps 0.3 with 60 minutes, mtl-ibp 89.9% verified, sabr --sabr-shrink 0.6 88.0%,
     plain ibp 84.5% (by IBP and CROWN; it overfits when run long; with only 15 minutes plain ibp on
     small-cnn led, 86.2%). ibp has the cheapest step: with only minutes to train it can lead.
-    medium-cnn-bn is the papers' net for longer runs (not measured here). crown-ibp gives tighter
-    bounds while eps ramps, at about twice an mtl-ibp step (30 minutes at eps 0.1: 95.9%). The
-    default eps ramp, lr decay and gradient clip are set from the run's steps;
-    benchmarks/certified_training.py compares them all under one time budget.
+    medium-cnn-bn is the papers' net for a GPU or longer runs (about 10x a small-cnn-bn step on 2
+    cores, so 30 minutes there buy it 4 epochs). crown-ibp gives tighter bounds while eps ramps, at
+    about twice an mtl-ibp step (30 minutes at eps 0.1: 95.9%). The default eps ramp, lr decay and
+    gradient clip are set from the run's steps; benchmarks/certified_training.py compares them all
+    under one time budget.
     """
     from harden.io.bundle_file import save_bundle
     from certify.bounds.compat import require_auto_lirpa
