@@ -102,8 +102,9 @@ def planned_seconds(steps: int, ramp_step: float, full_step: float) -> float:
 def budgeted(config, timing: tuple[float, float], budget: float, train):
     """(config, training set) whose steps fill `budget` seconds: whole epochs, or one epoch on
     the first part of the training set when the budget holds less than an epoch."""
-    # planned_seconds grows with the steps (the plan's ramp share only moves steps between two
-    # positive costs), so the longest run that fits is found by bisection.
+    # planned_seconds grows with the steps, up to the rounding of the plan's warm-up and ramp shares
+    # (one more step can move two steps to the cheaper cost), so bisection finds a run that fits
+    # whose next step would not: the longest, or a few steps short of it.
     low, high = 1, int(budget / min(timing)) + 2
     while high - low > 1:
         middle = (low + high) // 2
