@@ -7,6 +7,9 @@ an upper bound: branch and bound can only close the gap between them.
 
     python -m benchmarks.bab_cnn --model runs/mnist/model.onnx --eps 0.1 --limit 1000 --timeout 10 \
         --json benchmarks/results/bab_cnn.json --markdown benchmarks/results/bab_cnn.md
+
+`--resume PREVIOUS.json --timeout 60` searches only the samples that run left unknown, at the longer timeout, and
+adds a row to its table: the default cascade over 10k images takes half an hour, and need not be repeated.
 """
 
 from __future__ import annotations
@@ -37,12 +40,16 @@ def _cells(line: dict) -> list:
             ", ".join(f"{k} {v}" for k, v in line["unknown_reasons"].items()) or "-", line["seconds"]]
 
 
+def _timeouts(document: dict) -> str:
+    """The per-sample timeouts of a run and of the --resume runs after it, "10, 60"."""
+    return ", ".join(f"{t:g}" for t in document.get("timeouts", [document["timeout"]]))
+
+
 def show(document: dict) -> None:
     from rich.console import Console
 
     out = table(f"branch and bound on {document['model']} at {'l2 radius' if document.get('norm') == '2' else 'eps'} "
-                f"{document['eps']} "
-                f"(timeout {document['timeout']} s per sample, 2 CPU cores)", COLUMNS)
+                f"{document['eps']} (timeout {_timeouts(document)} s per sample, 2 CPU cores)", COLUMNS)
     for line in document["runs"]:
         out.add_row(*[str(c) for c in _cells(line)])
     Console().print(out)
@@ -74,6 +81,46 @@ def search_unknowns(model_path: str, eps: float, limit: int, unknown: list[int],
     return verdicts
 
 
+def after_search(summary: dict, searched: list) -> dict:
+    """The summary once the searched samples' new verdicts replace their unknowns."""
+    summary = dict(summary)
+    for v in searched:
+        summary["unknown"] -= v.verdict != "unknown"
+        summary["verified"] += v.verdict == "verified"
+        summary["falsified"] += v.verdict == "falsified"
+        summary["certified_accuracy"] += (v.verdict == "verified") / summary["samples"]
+        summary["attacked_accuracy"] -= (v.verdict == "falsified") / summary["samples"]
+    return summary
+
+
+def _summary(line: dict) -> dict:
+    keys = ("samples", "verified", "falsified", "unknown")
+    return {**{k: line[k] for k in keys}, "certified_accuracy": line["verified_accuracy"],
+            "attacked_accuracy": line["attacked_accuracy"]}
+
+
+def _resume(args, previous_path: str) -> dict:
+    """Search the samples a previous run of this benchmark left unknown, at this run's timeout."""
+    import json
+    from pathlib import Path
+
+    previous = json.loads(Path(previous_path).read_text())
+    for key in ("model", "eps", "norm", "limit"):
+        if previous.get(key) != getattr(args, key):
+            raise SystemExit(f"error: --resume {previous_path} was run with {key} {previous.get(key)!r}, not "
+                             f"{getattr(args, key)!r} -- pass the same --model, --eps, --norm and --limit")
+    left = [entry["index"] for entry in previous["searched"] if entry["verdict"] == "unknown"]
+    started = time.perf_counter()
+    searched = search_unknowns(args.model, args.eps, args.limit, left, args.timeout, args.norm)
+    summary = after_search(_summary(previous["runs"][-1]), searched)
+    line = _line(f"then bab {args.timeout:g} s on the {len(left)} left", summary,
+                 [v for v in searched if v.verdict == "unknown"], time.perf_counter() - started)
+    by_index = {entry["index"]: entry for entry in previous["searched"]}
+    by_index.update({v.index: v.to_json() for v in searched})
+    return {**previous, "runs": previous["runs"] + [line], "timeouts": previous.get("timeouts", [previous["timeout"]])
+            + [args.timeout], "searched": [by_index[i] for i in sorted(by_index)]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="runs/mnist/model.onnx")
@@ -81,9 +128,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds of branch and bound per sample")
     parser.add_argument("--norm", choices=("inf", "2"), default="inf", help="l-infinity boxes or l2 balls of radius eps")
+    parser.add_argument("--resume", default=None, metavar="PREVIOUS.json",
+                        help="search only the samples that run left unknown, and add a row to its table")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
     args = parser.parse_args(argv)
+    ball = "l2 radius" if args.norm == "2" else "l-infinity eps"
+    caption = (f"{args.model}, first {args.limit} MNIST test images, {ball} {args.eps:g}: the default cascade, then the "
+               f"cascade with at most {args.timeout:g} s of branch and bound per sample on the samples it left "
+               "unknown (seconds: that search alone, the cascade rerun on each sample included); 2 CPU cores.")
+    if args.resume:
+        document = _resume(args, args.resume)
+        caption = (f"{args.model}, first {args.limit} MNIST test images, {ball} {args.eps:g}: the default cascade, "
+                   f"then the cascade with branch and bound at each timeout in turn ({_timeouts(document)} s per "
+                   "sample) on the samples the row above left unknown (seconds: that search alone, the cascade "
+                   "rerun on each sample included); 2 CPU cores.")
+        write_markdown(args.markdown, [caption, ""] + markdown_table(COLUMNS, [_cells(e) for e in document["runs"]]))
+        return finish(document, args.json, show)
 
     from certify.bounds.bounder import METHODS
     from certify.verdicts.dataset import certify_model
@@ -96,23 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     unknown = [v.index for v in default.samples if v.verdict == "unknown"]
     searched = search_unknowns(args.model, args.eps, args.limit, unknown, args.timeout, args.norm)
-    summary = dict(default.summary())
-    for v in searched:
-        summary["unknown"] -= v.verdict != "unknown"
-        summary["verified"] += v.verdict == "verified"
-        summary["falsified"] += v.verdict == "falsified"
-        summary["certified_accuracy"] += (v.verdict == "verified") / summary["samples"]
-        summary["attacked_accuracy"] -= (v.verdict == "falsified") / summary["samples"]
-    after = _line("then bab on the unknowns", summary, [v for v in searched if v.verdict == "unknown"],
-                  time.perf_counter() - started)
+    after = _line("then bab on the unknowns", after_search(default.summary(), searched),
+                  [v for v in searched if v.verdict == "unknown"], time.perf_counter() - started)
     document = {"benchmark": "bab_cnn", "model": args.model, "eps": args.eps, "norm": args.norm, "limit": args.limit,
                 "timeout": args.timeout, "cores": 2, "runs": [line, after],
                 "searched": [v.to_json() for v in searched]}
-    ball = "l2 radius" if args.norm == "2" else "l-infinity eps"
-    lines = [f"{args.model}, first {args.limit} MNIST test images, {ball} {args.eps:g}: the default cascade, then the "
-             f"cascade with at most {args.timeout:g} s of branch and bound per sample on the samples it left "
-             "unknown (seconds: that search alone); 2 CPU cores.", ""]
-    write_markdown(args.markdown, lines + markdown_table(COLUMNS, [_cells(entry) for entry in (line, after)]))
+    write_markdown(args.markdown, [caption, ""] + markdown_table(COLUMNS, [_cells(entry) for entry in (line, after)]))
     return finish(document, args.json, show)
 
 
