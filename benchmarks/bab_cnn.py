@@ -104,7 +104,12 @@ def _resume(args, previous_path: str) -> dict:
     import json
     from pathlib import Path
 
-    previous = json.loads(Path(previous_path).read_text())
+    try:
+        previous = json.loads(Path(previous_path).read_text())
+        previous["searched"], previous["runs"][-1]  # the parts read below: a KeyError here is a wrong file
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
+        raise SystemExit(f"error: --resume {previous_path} is not a benchmarks.bab_cnn JSON ({error}) -- pass the "
+                         "--json an earlier run of this benchmark wrote") from None
     for key in ("model", "eps", "norm", "limit"):
         if previous.get(key) != getattr(args, key):
             raise SystemExit(f"error: --resume {previous_path} was run with {key} {previous.get(key)!r}, not "
