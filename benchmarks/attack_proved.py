@@ -63,10 +63,7 @@ def check(report: dict, *, restarts: int, steps: int, seed: int) -> dict:
     import onnxruntime
     import torch
 
-    from certify.data.datasets import load_dataset
-    from certify.onnx_import.certifiable import load_certifiable
-    from certify.verdicts.dataset import resolve_spec
-    from certify.verdicts.file_outputs import certified_module
+    from benchmarks.bab_cnn import load_certified
 
     if report.get("norm", "inf") != "inf":
         raise SystemExit("error: attack_proved checks l-infinity reports only -- pass a bab_cnn report run without "
@@ -75,10 +72,7 @@ def check(report: dict, *, restarts: int, steps: int, seed: int) -> dict:
     if not proved:
         raise SystemExit("error: the report has no sample verified by branch and bound -- run benchmarks.bab_cnn "
                          "with a --timeout first")
-    model = load_certifiable(report["model"])
-    spec, dataset_name = resolve_spec(model.metadata, data=None, mean=None, std=None)
-    dataset = load_dataset(dataset_name, split="test").subset(report["limit"])
-    module, _, _ = certified_module(report["model"], model, spec, torch.device("cpu"))
+    model, spec, dataset, module, _, _ = load_certified(report["model"], report["limit"])
     module.eval()
     indices = [entry["index"] for entry in proved]
     x = dataset.x[indices].reshape(-1, *model.input_shape).float()

@@ -55,21 +55,30 @@ def show(document: dict) -> None:
     Console().print(out)
 
 
-def search_unknowns(model_path: str, eps: float, limit: int, unknown: list[int], timeout: float, norm: str = "inf"):
-    """The cascade with branch and bound, on the samples the default cascade left unknown."""
+def load_certified(model_path: str, limit: int):
+    """The model file as the cascade certifies it, its input spec and the first `limit` test images
+    of the dataset its metadata names: (model, spec, dataset, module, bounder, file_outputs)."""
     import torch
 
-    from certify.bounds.bounder import METHODS
     from certify.data.datasets import load_dataset
     from certify.onnx_import.certifiable import load_certifiable
-    from certify.verdicts.cascade import CascadeOptions, certify_batch
     from certify.verdicts.dataset import resolve_spec
     from certify.verdicts.file_outputs import certified_module
 
     model = load_certifiable(model_path)
     spec, dataset_name = resolve_spec(model.metadata, data=None, mean=None, std=None)
     dataset = load_dataset(dataset_name, split="test").subset(limit)
-    module, bounder, file_outputs = certified_module(model_path, model, spec, torch.device("cpu"))
+    return (model, spec, dataset, *certified_module(model_path, model, spec, torch.device("cpu")))
+
+
+def search_unknowns(model_path: str, eps: float, limit: int, unknown: list[int], timeout: float, norm: str = "inf"):
+    """The cascade with branch and bound, on the samples the default cascade left unknown."""
+    import torch
+
+    from certify.bounds.bounder import METHODS
+    from certify.verdicts.cascade import CascadeOptions, certify_batch
+
+    model, spec, dataset, module, bounder, file_outputs = load_certified(model_path, limit)
     options = CascadeOptions(methods=METHODS + ("bab",), timeout=timeout)
     verdicts = []
     for index in unknown:
@@ -126,31 +135,8 @@ def _resume(args, previous_path: str) -> dict:
             + [args.timeout], "searched": [by_index[i] for i in sorted(by_index)]}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="runs/mnist/model.onnx")
-    parser.add_argument("--eps", type=float, default=0.1)
-    parser.add_argument("--limit", type=int, default=1000)
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds of branch and bound per sample")
-    parser.add_argument("--norm", choices=("inf", "2"), default="inf", help="l-infinity boxes or l2 balls of radius eps")
-    parser.add_argument("--resume", default=None, metavar="PREVIOUS.json",
-                        help="search only the samples that run left unknown, and add a row to its table")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--markdown", default=None)
-    args = parser.parse_args(argv)
-    ball = "l2 radius" if args.norm == "2" else "l-infinity eps"
-    caption = (f"{args.model}, first {args.limit} MNIST test images, {ball} {args.eps:g}: the default cascade, then the "
-               f"cascade with at most {args.timeout:g} s of branch and bound per sample on the samples it left "
-               "unknown (seconds: that search alone, the cascade rerun on each sample included); 2 CPU cores.")
-    if args.resume:
-        document = _resume(args, args.resume)
-        caption = (f"{args.model}, first {args.limit} MNIST test images, {ball} {args.eps:g}: the default cascade, "
-                   f"then the cascade with branch and bound at each timeout in turn ({_timeouts(document)} s per "
-                   "sample) on the samples the row above left unknown (seconds: that search alone, the cascade "
-                   "rerun on each sample included); 2 CPU cores.")
-        write_markdown(args.markdown, [caption, ""] + markdown_table(COLUMNS, [_cells(e) for e in document["runs"]]))
-        return finish(document, args.json, show)
-
+def _fresh(args) -> dict:
+    """The default cascade on the first --limit test images, then branch and bound on its unknowns."""
     from certify.bounds.bounder import METHODS
     from certify.verdicts.dataset import certify_model
 
@@ -164,10 +150,31 @@ def main(argv: list[str] | None = None) -> dict:
     searched = search_unknowns(args.model, args.eps, args.limit, unknown, args.timeout, args.norm)
     after = _line("then bab on the unknowns", after_search(default.summary(), searched),
                   [v for v in searched if v.verdict == "unknown"], time.perf_counter() - started)
-    document = {"benchmark": "bab_cnn", "model": args.model, "eps": args.eps, "norm": args.norm, "limit": args.limit,
-                "timeout": args.timeout, "cores": 2, "runs": [line, after],
-                "searched": [v.to_json() for v in searched]}
-    write_markdown(args.markdown, [caption, ""] + markdown_table(COLUMNS, [_cells(entry) for entry in (line, after)]))
+    return {"benchmark": "bab_cnn", "model": args.model, "eps": args.eps, "norm": args.norm, "limit": args.limit,
+            "timeout": args.timeout, "cores": 2, "runs": [line, after], "searched": [v.to_json() for v in searched]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="runs/mnist/model.onnx")
+    parser.add_argument("--eps", type=float, default=0.1)
+    parser.add_argument("--limit", type=int, default=1000)
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds of branch and bound per sample")
+    parser.add_argument("--norm", choices=("inf", "2"), default="inf", help="l-infinity boxes or l2 balls of radius eps")
+    parser.add_argument("--resume", default=None, metavar="PREVIOUS.json",
+                        help="search only the samples that run left unknown, and add a row to its table")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--markdown", default=None)
+    args = parser.parse_args(argv)
+    document = _resume(args, args.resume) if args.resume else _fresh(args)
+    ball = "l2 radius" if args.norm == "2" else "l-infinity eps"
+    searches = (f"with branch and bound at each timeout in turn ({_timeouts(document)} s per sample) on the samples "
+                "the row above left unknown" if args.resume else
+                f"with at most {args.timeout:g} s of branch and bound per sample on the samples it left unknown")
+    caption = (f"{args.model}, first {args.limit} MNIST test images, {ball} {args.eps:g}: the default cascade, then the "
+               f"cascade {searches} (seconds: that search alone, the cascade rerun on each sample included); "
+               "2 CPU cores.")
+    write_markdown(args.markdown, [caption, ""] + markdown_table(COLUMNS, [_cells(e) for e in document["runs"]]))
     return finish(document, args.json, show)
 
 
