@@ -16,7 +16,7 @@ from certify.common.cli import run_cli
 from certify.common.cli_options import Debug, version_option
 from harden.cli_checks import load, parse_shape
 
-ARCH_HELP = "Architecture for weights-only files: small-cnn, small-cnn-bn, medium-cnn-bn, mlp, mlp-elu-512 or package.module:factory."
+ARCH_HELP = "Architecture for weights-only files: small-cnn, small-cnn-bn, wide-cnn-bn, medium-cnn-bn, mlp, mlp-elu-512 or package.module:factory."
 Model = Annotated[Path, typer.Argument(help="Model file (any accepted format; ONNX too for inspect).")]
 _OUTPUT = typer.Option("-o", "--output", help="Where to write the result: a .safetensors bundle (.onnx for export).")
 Output = Annotated[Path, _OUTPUT]

@@ -149,9 +149,10 @@ def test_a_planned_batchnorm_run_resumes_to_the_same_weights_and_cannot_grow(mni
         run(3, resume=epoch_checkpoint(tmp_path, 2))
 
 
-def test_medium_cnn_folds_to_the_same_function():
+@pytest.mark.parametrize("arch", ["small-cnn-bn", "wide-cnn-bn", "medium-cnn-bn"])
+def test_batchnorm_cnns_fold_to_the_same_function(arch):
     torch.manual_seed(0)
-    model = ARCHITECTURES["medium-cnn-bn"]()
+    model = ARCHITECTURES[arch]()
     model.train()(torch.rand(16, *SHAPE))  # running statistics away from their initial values
     x = torch.rand(4, *SHAPE)
     expected = model.eval()(x)
@@ -170,7 +171,7 @@ def cli_files(clean_cnn, mnist_train, tmp_path_factory):
 def test_finetune_help_says_which_objective_and_architecture_to_pick():
     result = CliRunner().invoke(app, ["finetune", "--help"], terminal_width=200)
     assert result.exit_code == 0
-    for word in ("sabr", "mtl-ibp", "medium-cnn-bn", "small-cnn-bn", "--shi-recipe", "--grad-clip", "eps 0.3"):
+    for word in ("sabr", "mtl-ibp", "medium-cnn-bn", "wide-cnn-bn", "small-cnn-bn", "--shi-recipe", "--grad-clip", "eps 0.3"):
         assert word in result.output, word
 
 

@@ -24,18 +24,32 @@ def small_cnn(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int 
     )
 
 
+def _two_conv_cnn_bn(input_shape: tuple[int, int, int], num_classes: int, widths: tuple[int, int, int]) -> nn.Sequential:
+    """The small CNN's shape (two strided convs, two dense layers) at the given widths, with a
+    BatchNorm after every hidden layer."""
+    channels, height, width = input_shape
+    first, second, dense = widths
+    flat = second * ((height + 3) // 4) * ((width + 3) // 4)
+    return nn.Sequential(
+        nn.Conv2d(channels, first, 4, stride=2, padding=1), nn.BatchNorm2d(first), nn.ReLU(),
+        nn.Conv2d(first, second, 4, stride=2, padding=1), nn.BatchNorm2d(second), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(flat, dense), nn.BatchNorm1d(dense), nn.ReLU(),
+        nn.Linear(dense, num_classes),
+    )
+
+
 def small_cnn_bn(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
     """The small CNN with a BatchNorm after every hidden layer (Shi et al.: BatchNorm keeps the ReLUs
     of IBP-trained nets balanced); each BatchNorm folds into its layer for export."""
-    channels, height, width = input_shape
-    flat = 32 * ((height + 3) // 4) * ((width + 3) // 4)
-    return nn.Sequential(
-        nn.Conv2d(channels, 16, 4, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 4, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(flat, 100), nn.BatchNorm1d(100), nn.ReLU(),
-        nn.Linear(100, num_classes),
-    )
+    return _two_conv_cnn_bn(input_shape, num_classes, (16, 32, 100))
+
+
+def wide_cnn_bn(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
+    """small-cnn-bn at twice the width (32, 64 channels, 200 dense units; 663k parameters against
+    167k): about 2x its step on 2 CPU cores, where medium-cnn-bn costs 10x, so an hour of training
+    still buys it some 30 epochs."""
+    return _two_conv_cnn_bn(input_shape, num_classes, (32, 64, 200))
 
 
 def medium_cnn_bn(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10) -> nn.Sequential:
@@ -75,6 +89,7 @@ def mlp_elu_512(input_shape: tuple[int, int, int] = (1, 28, 28), num_classes: in
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "small-cnn": small_cnn,
     "small-cnn-bn": small_cnn_bn,
+    "wide-cnn-bn": wide_cnn_bn,
     "medium-cnn-bn": medium_cnn_bn,
     "mlp": mlp,
     "mlp-elu-512": mlp_elu_512,
